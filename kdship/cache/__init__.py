@@ -1,0 +1,1 @@
+"""kdship cache: run the teacher once and write its distributions to a Zarr store."""

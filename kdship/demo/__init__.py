@@ -1,0 +1,1 @@
+"""kdship demo (see kdship/demo/cli.py for the command line)."""

@@ -1,0 +1,1 @@
+"""kdship eval (see kdship/eval/cli.py for the command line)."""

@@ -1,0 +1,1 @@
+"""kdship export (see kdship/export/cli.py for the command line)."""

@@ -1,0 +1,1 @@
+"""kdship profile (see kdship/profile/cli.py for the command line)."""

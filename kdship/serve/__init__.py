@@ -1,0 +1,1 @@
+"""kdship serve (see kdship/serve/cli.py for the command line)."""

@@ -1,0 +1,1 @@
+"""kdship train (see kdship/train/cli.py for the command line)."""
