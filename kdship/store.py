@@ -12,6 +12,7 @@ A store is a Zarr v3 group (a local folder or an fsspec URL) documented in ``cac
         loss_mask     bool  [T]       positions the student is trained on (response / all text)
         topk_ids      int32 [T, K]    row j: teacher's top-k ids for token j given tokens < j
         topk_logprobs f32   [T, K]    their log-probabilities, sorted descending; -inf / id -1 pad
+        target_weights f32  [T, K]    only in ``targets: sampled`` stores: empirical weight count/N
       rejects.jsonl             rows refused under --skip-bad, rebuilt from committed shards
 
 Crash safety: a shard's arrays are written first, then its checksum (over the *decoded* arrays) is
@@ -30,11 +31,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import warnings
+
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from kdship import __version__
+
+# BitRound is a numcodecs codec, which zarr-python decodes itself; its warning that other Zarr
+# implementations may lack it is documented in cache/FORMAT.md, not repeated on every open.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 FORMAT_VERSION = 1
 HEADER_ATTR = "kdship"
@@ -52,6 +59,9 @@ ARRAY_DTYPES: dict[str, str] = {
     "topk_ids": "int32",
     "topk_logprobs": "float32",
 }
+# Arrays that exist only in some stores: ``target_weights`` in ``targets: "sampled"`` stores
+# (random-sampling KD): the weight of each stored id = times drawn / draws; 0 for padding.
+OPTIONAL_ARRAY_DTYPES: dict[str, str] = {"target_weights": "float32"}
 HASH_BYTES = 16
 NO_TARGET_ID = -1  # with logprob -inf: row 0 of a sample, prompt rows that were not scored
 
@@ -74,13 +84,17 @@ SETTINGS_KEYS = (
     "data",
     "shard_size",
     "encoding",
+    "target_sampling",
+    "filters",
 )
+# Teacher fields compared on resume: where the teacher lives may change, what it is may not.
+TEACHER_IDENTITY_KEYS = ("weights_sha256", "vocab_size", "tokenizer_sha256", "chat_template_sha256")
 
 # Lossy encoding of topk_logprobs. BitRound keeps this many explicit mantissa bits of each float32
 # (relative error <= 2**-(bits+1)); -inf survives. The decoded values come back as float32 through
 # zarr's own codec pipeline: a plain zarr.open(...)[...] gives them. The resulting KL error between
 # the exact and the decoded top-k distributions is measured in bench/ and documented in FORMAT.md.
-LOGPROB_MANTISSA_BITS = 9
+LOGPROB_MANTISSA_BITS = 5
 
 
 class StoreError(RuntimeError):
@@ -98,6 +112,8 @@ class Shard:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     sample_hash: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # [T, K] float32, only for ``targets: sampled`` stores (count / draws per stored id); else None
+    target_weights: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -108,18 +124,23 @@ class Shard:
         return int(self.offsets[-1])
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
+        """One sample's slices; ``target_weights`` is included only in sampled-target stores."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {
+        out = {
             "tokens": self.tokens[a:b],
             "loss_mask": self.loss_mask[a:b],
             "topk_ids": self.topk_ids[a:b],
             "topk_logprobs": self.topk_logprobs[a:b],
             "sample_index": int(self.sample_index[i]),
         }
+        if self.target_weights is not None:
+            out["target_weights"] = self.target_weights[a:b]
+        return out
 
     @classmethod
-    def build(cls, samples: list[dict[str, Any]], top_k: int) -> "Shard":
-        """Concatenate per-sample dicts (tokens, loss_mask, topk_ids, topk_logprobs, sample_index)."""
+    def build(cls, samples: list[dict[str, Any]], top_k: int, with_target_weights: bool = False) -> "Shard":
+        """Concatenate per-sample dicts (tokens, loss_mask, topk_ids, topk_logprobs, sample_index
+        and, when ``with_target_weights``, target_weights)."""
         lengths = [len(s["tokens"]) for s in samples]
         offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lengths) if samples else []
@@ -141,6 +162,12 @@ class Shard:
             topk_ids=ids,
             topk_logprobs=lps,
         )
+        if with_target_weights:
+            shard.target_weights = (
+                np.concatenate([np.asarray(s["target_weights"], dtype=np.float32).reshape(-1, top_k) for s in samples])
+                if samples
+                else np.zeros((0, top_k), np.float32)
+            )
         shard.sample_hash = np.stack([sample_hash(shard.tokens[offsets[i] : offsets[i + 1]]) for i in range(len(samples))]) if samples else np.zeros((0, HASH_BYTES), np.uint8)
         shard.validate(top_k)
         return shard
@@ -156,6 +183,8 @@ class Shard:
             "topk_ids": (T, top_k),
             "topk_logprobs": (T, top_k),
         }
+        if self.target_weights is not None:
+            expect["target_weights"] = (T, top_k)
         for name, shape in expect.items():
             arr = getattr(self, name)
             if tuple(arr.shape) != shape:
@@ -171,12 +200,20 @@ def sample_hash(tokens: np.ndarray) -> np.ndarray:
 def shard_checksum(shard: Shard) -> str:
     """sha256 over the decoded arrays in a fixed order (little-endian bytes)."""
     h = hashlib.sha256()
-    for name, dtype in ARRAY_DTYPES.items():
+    for name, dtype in _present_arrays(shard).items():
         arr = np.ascontiguousarray(getattr(shard, name), dtype=np.dtype(dtype).newbyteorder("<"))
         h.update(name.encode())
         h.update(str(arr.shape).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def _present_arrays(shard: Shard) -> dict[str, str]:
+    out = dict(ARRAY_DTYPES)
+    for name, dtype in OPTIONAL_ARRAY_DTYPES.items():
+        if getattr(shard, name) is not None:
+            out[name] = dtype
+    return out
 
 
 def shard_path(index: int) -> str:
@@ -202,10 +239,13 @@ def _is_url(url: str) -> bool:
 def _open_root(url: str, mode: str) -> zarr.Group:
     """Open the store's root group; ``url`` may be a path or an fsspec URL (``file://``, ``s3://``...)."""
     url = str(url)
-    if _is_url(url):
+    if _is_url(url) and _local_path(url) is None:
         store = zarr.storage.FsspecStore.from_url(url, read_only=(mode == "r"))
         return zarr.open_group(store=store, mode=mode, zarr_format=3)
-    return zarr.open_group(url, mode=mode, zarr_format=3)
+    # local paths and file:// URLs: zarr's LocalStore writes every file atomically (temp + rename),
+    # which the crash-safe commit of zarr.json relies on
+    path = _local_path(url) if _is_url(url) else url
+    return zarr.open_group(path, mode=mode, zarr_format=3)
 
 
 def _fs(url: str):
@@ -224,18 +264,34 @@ def store_exists(url: str) -> bool:
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
+def _compressor(clevel: int = 5, shuffle: str = "bitshuffle") -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle=BloscShuffle.bitshuffle if shuffle == "bitshuffle" else BloscShuffle.shuffle)
 
 
 def _array_codec_kwargs(name: str, encoding: dict[str, Any]) -> dict[str, Any]:
-    kw: dict[str, Any] = {"compressors": [_compressor()]}
+    """Codecs of one array from the header's ``encoding`` (only standard zarr / numcodecs codecs, so
+    a plain ``zarr.open`` decodes everything):
+
+    * ``compressor``: blosc zstd with bit-shuffle (``clevel`` from ``encoding["clevel"]``, default 5);
+    * ``topk_logprobs.bitround_keepbits``: numcodecs BitRound filter (lossy; -inf survives);
+    * ``transpose_topk``: the zarr ``transpose`` codec stores [T, K] arrays column-major, so that
+      rank-j values of neighbouring positions sit together (they compress far better).
+    """
+    clevel = int(encoding.get("clevel", 5))
+    kw: dict[str, Any] = {"compressors": [_compressor(clevel)]}
+    filters: list[Any] = []
+    if name in ("topk_ids", "topk_logprobs", "target_weights") and encoding.get("transpose_topk"):
+        from zarr.codecs import TransposeCodec
+
+        filters.append(TransposeCodec(order=(1, 0)))
     if name == "topk_logprobs":
         bits = encoding.get("topk_logprobs", {}).get("bitround_keepbits")
         if bits is not None:
             from zarr.codecs.numcodecs import BitRound
 
-            kw["filters"] = [BitRound(keepbits=int(bits))]
+            filters.append(BitRound(keepbits=int(bits)))
+    if filters:
+        kw["filters"] = filters
     return kw
 
 
@@ -277,7 +333,7 @@ class StoreWriter:
             else:
                 root = _open_root(self.url, "r+")
                 old = _read_header(root, self.url)
-                diff = [k for k in SETTINGS_KEYS if _canon(old.get(k)) != _canon(header.get(k))]
+                diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(old, k)) != _canon(_settings_value(header, k))]
                 if diff:
                     detail = "; ".join(f"{k}: store has {old.get(k)!r}, asked {header.get(k)!r}" for k in diff)
                     raise StoreError(
@@ -289,7 +345,7 @@ class StoreWriter:
                 self.root = root
                 self.header = old
                 return
-        elif fs.exists(self._path) and fs.ls(self._path) and not overwrite:
+        elif fs.exists(self._path) and not overwrite and [e for e in fs.ls(self._path, detail=False) if not str(e).endswith(LOCK_FILE)]:
             raise StoreError(f"{self.url}: exists and is not a kdship store; refusing to write into it")
         self.root = _open_root(self.url, "a")
         header["complete_shards"] = []
@@ -300,7 +356,10 @@ class StoreWriter:
             if not cur:
                 self.root.attrs[HEADER_ATTR] = header
             self.root.require_group(SHARDS_GROUP)
-        self.header = dict(self.root.attrs[HEADER_ATTR])
+        self.header = self._fresh_header()
+        diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(self.header, k)) != _canon(_settings_value(header, k))]
+        if diff:  # another process created the store first, with other settings
+            raise StoreError(f"{self.url}: created concurrently with different settings ({', '.join(diff)})")
 
     # -- locking: a local lock file; on remote URLs a single writer is assumed -----------------------
     @contextlib.contextmanager
@@ -338,7 +397,7 @@ class StoreWriter:
         if name in shards:  # leftovers of a killed run: never committed, so redo from scratch
             del shards[name]
         g = shards.create_group(name)
-        for arr_name, dtype in ARRAY_DTYPES.items():
+        for arr_name, dtype in _present_arrays(shard).items():
             data = np.asarray(getattr(shard, arr_name), dtype=dtype)
             chunks = (CHUNK_POSITIONS,) + data.shape[1:] if data.ndim else data.shape
             chunks = tuple(max(1, c) for c in chunks)
@@ -365,7 +424,7 @@ class StoreWriter:
         }
         if extra_attrs:
             attrs.update(extra_attrs)
-        g.attrs.update(attrs)
+        g.update_attributes(attrs)  # one write of the group's zarr.json, not one per key
         self._commit(path)
 
     def _commit(self, path: str) -> None:
@@ -388,17 +447,29 @@ class StoreWriter:
             self.header = header
 
     def rebuild_rejects(self) -> int:
-        """Rewrite STORE/rejects.jsonl from the committed shards' rejects; returns their count."""
-        reader = StoreReader(self.url, verify=False)
-        rows = [r for p in reader.shard_paths for r in reader.shard_attrs(p).get("rejects", [])]
-        rows.sort(key=lambda r: (r.get("row", -1), r.get("sample", 0)))
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        target = f"{self._path}/{REJECTS_FILE}"
-        tmp = f"{target}.partial"
-        with self._fs.open(tmp, "w") as fh:
-            fh.write(text)
-        self._fs.mv(tmp, target)
+        """Rewrite STORE/rejects.jsonl from the committed shards' rejects; returns their count.
+
+        The shard attributes are the source of truth (written before the commit), so the file is
+        always rebuildable; it is replaced by a rename, under the lock, so readers never see half.
+        """
+        with self._lock():
+            reader = StoreReader(self.url, verify=False)
+            rows = [r for p in reader.shard_paths for r in reader.shard_attrs(p).get("rejects", [])]
+            rows.sort(key=lambda r: (r.get("row", -1), r.get("sample", 0)))
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            target = f"{self._path}/{REJECTS_FILE}"
+            tmp = f"{target}.partial{os.getpid()}"
+            with self._fs.open(tmp, "w") as fh:
+                fh.write(text)
+            self._fs.mv(tmp, target)
         return len(rows)
+
+
+def _settings_value(header: dict[str, Any], key: str) -> Any:
+    v = header.get(key)
+    if key == "teacher" and isinstance(v, dict):
+        return {k: v.get(k) for k in TEACHER_IDENTITY_KEYS}
+    return v
 
 
 def _canon(v: Any) -> str:
@@ -411,6 +482,8 @@ def _canon(v: Any) -> str:
 
 def read_shard_arrays(g: zarr.Group) -> Shard:
     arrays = {name: np.asarray(g[name][...]) for name in ARRAY_DTYPES}
+    for name in OPTIONAL_ARRAY_DTYPES:
+        arrays[name] = np.asarray(g[name][...]) if name in g else None
     return Shard(**arrays)
 
 
@@ -432,6 +505,11 @@ class StoreReader:
     @property
     def shard_paths(self) -> list[str]:
         return list(self.header.get("complete_shards", []))
+
+    @property
+    def targets(self) -> str:
+        """"topk" or "sampled" (then every Shard has ``target_weights``)."""
+        return str(self.header.get("targets") or "topk")
 
     @property
     def complete(self) -> bool:

@@ -1,15 +1,101 @@
-"""`kdship cache` and `kdship inspect` command line (placeholder until the cache issue lands)."""
+"""`kdship cache` and `kdship inspect`: thin typer wrappers over ``kdship.cache.run.cache`` and
+``kdship.cache.inspect.inspect_store``. Heavy imports (torch, vLLM) happen inside the commands."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
 
 import typer
 
 
-def cache_command() -> None:
-    """Not implemented yet."""
-    typer.echo("kdship cache: not implemented yet", err=True)
-    raise typer.Exit(2)
+def cache_command(
+    teacher: str = typer.Argument(..., help="Teacher: a local Hugging Face model directory (or a hub id where a hub is reachable)."),
+    data: str = typer.Argument(..., help="Input: JSONL ({prompt,response} | {text} | {messages}), Parquet, or a `datasets` save_to_disk folder."),
+    out: str = typer.Option(None, "--out", "-o", help="Store: a folder or an fsspec URL (default cache/<data name>.zarr)."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags given here override it."),
+    mode: Optional[str] = typer.Option(None, help="score (teacher-forced top-k over prompt+response) | generate (teacher samples responses)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Targets per position (default 32)."),
+    targets: Optional[str] = typer.Option(None, help="topk (default) | sampled (N=top-k draws from the teacher, distinct ids + count/N weights)."),
+    sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help="vLLM only, --targets sampled: draw from the renormalised top-K' (default 128)."),
+    backend: Optional[str] = typer.Option(None, help="vllm (default) | hf (plain transformers, the reference) | openai (--teacher-url)."),
+    teacher_url: Optional[str] = typer.Option(None, "--teacher-url", help="OpenAI-compatible endpoint for --backend openai (TEACHER then only needs its tokenizer)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KDSHIP_TEACHER_API_KEY", help="API key for --teacher-url (or $KDSHIP_TEACHER_API_KEY)."),
+    samples: Optional[int] = typer.Option(None, help="generate: responses per prompt (default 1)."),
+    temperature: Optional[float] = typer.Option(None, help="generate: sampling temperature (default 1.0); targets stay raw logprobs."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="generate: nucleus sampling (default 1.0)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="generate: tokens per response (default 256)."),
+    seed: Optional[int] = typer.Option(None, help="Seed; each (row, sample) gets its own derived seed (default 0)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens per sample (default 2048, capped at the teacher's context)."),
+    overflow: Optional[str] = typer.Option(None, help="Rows over --max-length: error (default) | truncate | skip (to rejects)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default 256)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an existing store after its last committed shard (default)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Delete an existing store first."),
+    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="Write bad rows to STORE/rejects.jsonl instead of stopping."),
+    num_shards: Optional[int] = typer.Option(None, "--num-shards", help="Split the work over N processes/hosts (default 1)."),
+    shard_index: Optional[int] = typer.Option(None, "--shard-index", help="This process's part, 0..N-1."),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", help="vLLM tensor parallelism for large teachers."),
+    filter: Optional[str] = typer.Option(None, "--filter", help="generate: answer-match (keep generations whose final answer matches the row's)."),
+    min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="generate: reject responses shorter than this."),
+    max_response_tokens: Optional[int] = typer.Option(None, "--max-response-tokens", help="generate: reject responses longer than this."),
+    dedupe: Optional[bool] = typer.Option(None, "--dedupe", help="generate: reject exact duplicate responses of a prompt."),
+    require_finished: Optional[bool] = typer.Option(None, "--require-finished", help="generate: reject responses cut off at --max-new-tokens."),
+    split: Optional[str] = typer.Option(None, help="Split of a DatasetDict folder (default train)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run the teacher once over DATA and write its top-k next-token distributions to a Zarr store."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: seconds, not a minute
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the summary (--json)
+    from kdship.cache.run import DEFAULTS, CacheError, cache
+    from kdship.config import ConfigError, resolve
+
+    flags = dict(
+        mode=mode, top_k=top_k, targets=targets, sampled_candidates=sampled_candidates, backend=backend, teacher_url=teacher_url, api_key=api_key,
+        samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_length=max_length,
+        overflow=overflow, shard_size=shard_size, resume=resume, overwrite=overwrite, skip_bad=skip_bad, num_shards=num_shards,
+        shard_index=shard_index, tensor_parallel_size=tensor_parallel_size, filter=filter, min_new_tokens=min_new_tokens,
+        max_response_tokens=max_response_tokens, dedupe=dedupe, require_finished=require_finished, split=split,
+    )
+    try:
+        cfg = resolve(dict(DEFAULTS), config, flags)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if no_progress:
+        cfg["progress"] = False
+    if out is None:
+        out = os.path.join("cache", os.path.basename(data.rstrip("/")).split(".")[0] + ".zarr")
+    try:
+        summary = cache(teacher, data, out, **cfg)
+    except (CacheError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    typer.echo(
+        f"{summary['store']}: {summary['samples']} samples, {summary['positions']} positions "
+        f"({summary['targeted_positions']} targeted), k={summary['top_k']}, "
+        f"{summary['shards_written']} shards written, {summary['shards_skipped']} already committed, "
+        f"{summary['rejects_this_run']} rejects {summary['rejects_by_reason'] or ''}, "
+        f"{summary['positions_per_second']} positions/s, complete={summary['complete']}"
+    )
 
 
-def inspect_command() -> None:
-    """Not implemented yet."""
-    typer.echo("kdship inspect: not implemented yet", err=True)
-    raise typer.Exit(2)
+def inspect_command(
+    store: str = typer.Argument(..., help="A kdship store (folder or fsspec URL)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's checksum."),
+) -> None:
+    """Summarise a store: samples, positions, k, bytes per position, top-k mass, teacher, completeness, rejects."""
+    from kdship.cache.inspect import format_report, inspect_store
+    from kdship.store import StoreError
+
+    try:
+        info = inspect_store(store, verify=verify)
+    except StoreError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(info, indent=1) if as_json else format_report(info))

@@ -1,9 +1,53 @@
-"""`kdship serve` command line (placeholder until its issue lands)."""
+"""`kdship serve` command line: a thin wrapper over :func:`kdship.serve.server.serve`."""
+
+from __future__ import annotations
+
+from typing import Optional
 
 import typer
 
+DEFAULTS = {
+    "backend": "onnx",
+    "host": "127.0.0.1",
+    "port": 8000,
+    "api_key": None,
+    "max_batch": None,
+    "max_queue": None,
+    "int8": False,
+    "max_model_len": None,
+    "served_model_name": None,
+    "log_level": "info",
+    "threads": None,
+}
 
-def serve_command() -> None:
-    """Not implemented yet."""
-    typer.echo("kdship serve: not implemented yet", err=True)
-    raise typer.Exit(2)
+
+def serve_command(
+    model_dir: str = typer.Argument(..., help="A `kdship export` folder (uses OUT/hf or OUT/onnx), or an HF model directory for --backend vllm."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="vllm (vLLM's OpenAI server) or onnx (ONNX Runtime + continuous batching). Default onnx."),
+    host: Optional[str] = typer.Option(None, "--host", help="Interface to bind. Default 127.0.0.1 (loopback only)."),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port. Default 8000."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*. Also read from env KDSHIP_API_KEY."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most sequences decoded together (onnx default 16; vllm --max-num-seqs)."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests waiting for a batch slot before 429 (onnx; default 256)."),
+    int8: Optional[bool] = typer.Option(None, "--int8/--fp32", help="Serve the int8 ONNX model (onnx backend; export with --quantize int8)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context limit, prompt + output tokens (default: the model's, at most 2048 for vllm)."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients send. Default: the export folder's name."),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning, error."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (onnx; default one per core)."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file with these options (flags override it)."),
+) -> None:
+    """Serve an exported student as an OpenAI-compatible HTTP endpoint (Ctrl-C / SIGTERM drains and stops)."""
+    from kdship.config import ConfigError, resolve
+    from kdship.serve.server import ServeError, serve
+
+    flags = dict(
+        backend=backend, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, int8=int8,
+        max_model_len=max_model_len, served_model_name=served_model_name, log_level=log_level, threads=threads,
+    )  # fmt: skip
+    try:
+        cfg = resolve(DEFAULTS, config, flags)
+        code = serve(model_dir, **cfg)
+    except (ConfigError, ServeError) as e:
+        typer.echo(f"kdship serve: {e}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(code)

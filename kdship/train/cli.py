@@ -1,9 +1,78 @@
-"""`kdship train` command line (placeholder until its issue lands)."""
+"""`kdship train STORE --student DIR --out RUN_DIR`: a thin typer wrapper of ``kdship.train.trainer.train``."""
+
+from __future__ import annotations
+
+from typing import Optional
 
 import typer
 
 
-def train_command() -> None:
-    """Not implemented yet."""
-    typer.echo("kdship train: not implemented yet", err=True)
-    raise typer.Exit(2)
+def train_command(
+    store: str = typer.Argument(..., help="The teacher store written by `kdship cache` (path or fsspec URL)."),
+    student: Optional[str] = typer.Option(None, "--student", help="HF model directory to start from (its tokenizer must be the teacher's)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (config, metrics, checkpoints, final/). Default runs/student."),
+    init_from_config: Optional[str] = typer.Option(None, "--init-from-config", help="Initialise a fresh student from this model/config directory instead of --student."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="With --init-from-config: number of decoder layers."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="With --init-from-config: hidden size (a multiple of head_dim)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="fkl | rkl | jsd | skl | srkl | tvd | sft (CE on the data / teacher generations). Default fkl."),
+    tail: Optional[str] = typer.Option(None, "--tail", help="Top-k tail: bucket (teacher mass outside top-k as one category) | renorm. Default bucket. Sampled stores use their importance weights."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default 1)."),
+    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Mix in CE on the data tokens: loss = (1-w) KD + w CE. Default 0."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Generalised JSD beta in (0,1). Default 0.5."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Skew KL / skew reverse KL alpha in [0,1). Default 0.1."),
+    average: Optional[str] = typer.Option(None, "--average", help="token (every trained position weighs the same) | sequence (length-normalised). Default token."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (or --epochs)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the store (default 1 when --max-steps is not given)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup then cosine). Default 3e-4."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Default min(100, 5% of the steps)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm (0 = off). Default 1."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per optimizer step (global, all processes). Default 4096."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Shuffle order and fresh-model init. Default 0."),
+    heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Fraction of samples (by content hash) never trained on. Default 0.02."),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Held-out samples evaluated. Default 64."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between held-out evaluations. Default 100."),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Steps between checkpoints. Default 200."),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept. Default 2."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the last checkpoint in --out."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an earlier run's checkpoints and final/ in --out."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after N steps in this session, with a checkpoint (continue with --resume)."),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="Shard the student with FSDP under torchrun (students too big for one GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Shard-decoding threads. Default 2."),
+    shuffle_shards: Optional[int] = typer.Option(None, "--shuffle-shards", help="Shards mixed together by the shuffle. Default 4."),
+    logit_chunk: Optional[int] = typer.Option(None, "--logit-chunk", help="Rows per lm_head chunk (default: ~8M logits per chunk)."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events (if installed)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps per tokens/s window. Default 10."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar. Default on."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of these options (flags override it)."),
+) -> None:
+    """Train a student from a teacher store (the teacher is never loaded).
+
+    Single process: `kdship train STORE --student DIR --out RUN`. Several: `torchrun --nproc-per-node N
+    -m kdship train ...` (DDP; add --fsdp to shard).
+    """
+    import json
+    import logging
+    import os
+
+    from kdship.config import ConfigError
+    from kdship.store import StoreError
+    from kdship.train.trainer import TrainError, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags = {k: v for k, v in locals().items() if k in _OPTION_NAMES}
+    try:
+        summary = train(store, student=student, out=out or "runs/student", config=config, **flags)
+    except (TrainError, StoreError, ConfigError, ValueError) as e:
+        typer.echo(f"kdship train: error: {e}", err=True)
+        raise typer.Exit(2)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        typer.echo(json.dumps(summary, indent=1, default=str))
+
+
+_OPTION_NAMES = {
+    "init_from_config", "layers", "hidden", "loss", "tail", "temperature", "ce_weight", "beta", "alpha", "average",
+    "max_steps", "epochs", "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_tokens", "seed", "heldout_fraction",
+    "eval_samples", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "overwrite", "stop_after", "fsdp", "workers",
+    "shuffle_shards", "logit_chunk", "tensorboard", "log_every", "progress",
+}

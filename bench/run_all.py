@@ -1,0 +1,65 @@
+"""Run every benchmark script in bench/ and merge their sections into bench/RESULTS.md.
+
+Each ``bench/<area>_*.py`` writes ``bench/results/<area>.md``; this script runs them one after the
+other (never in parallel: ratios are measured side by side inside each script, on a quiet machine),
+then concatenates the sections. ``--merge-only`` skips running and just rebuilds RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ORDER = ["cache", "train", "export", "serve", "eval", "demo"]
+
+
+def machine() -> str:
+    import os
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def merge() -> Path:
+    sections = sorted((BENCH / "results").glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    parts = [
+        "# kdship benchmark results\n",
+        "Produced by `make bench` (`bench/run_all.py`), which runs each `bench/<area>_*.py` script; each script "
+        "measures its ratios side by side in one run and writes `bench/results/<area>.md`, merged here. "
+        "Speed goals live here, never in timed tests.\n",
+    ]
+    parts += [p.read_text(encoding="utf-8").rstrip() + "\n" for p in sections]
+    out = BENCH / "RESULTS.md"
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--merge-only", action="store_true")
+    args = ap.parse_args()
+    if not args.merge_only:
+        print("machine:", machine())
+        for script in sorted(BENCH.glob("*_*.py")):
+            if script.name == Path(__file__).name:
+                continue
+            print(f"== {script.name}", flush=True)
+            rc = subprocess.call([sys.executable, str(script)], cwd=BENCH.parent)
+            if rc != 0:
+                print(f"   {script.name} exited {rc}", file=sys.stderr)
+    print("wrote", merge())
+
+
+if __name__ == "__main__":
+    main()

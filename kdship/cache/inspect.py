@@ -1,0 +1,105 @@
+"""``kdship inspect``: what a store holds, read from the store alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kdship.store import StoreReader, _fs
+
+
+def _store_bytes(url: str) -> dict[str, int]:
+    """Bytes on disk of the committed shards' arrays, per array name."""
+    fs, path = _fs(url)
+    out: dict[str, int] = {}
+    reader = StoreReader(url, verify=False)
+    for sp in reader.shard_paths:
+        base = f"{path.rstrip('/')}/{sp}"
+        for f, info in fs.find(base, detail=True).items():
+            rel = f[len(base) + 1 :]
+            name = rel.split("/", 1)[0]
+            out[name] = out.get(name, 0) + int(info.get("size", 0))
+    return out
+
+
+def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
+    """Summary of a store (all committed shards read; checksums verified when ``verify``).
+
+    ``mean_topk_mass`` = mean over targeted positions of sum_k exp(topk_logprobs): the share of the
+    teacher's probability the stored targets cover (1.0 would be the whole distribution).
+    """
+    r = StoreReader(url, verify=verify)
+    h = r.header
+    samples = positions = targeted = with_target = 0
+    mass_sum = 0.0
+    valid_k_sum = 0
+    for _, shard in r.iter_shards():
+        samples += shard.num_samples
+        positions += shard.num_positions
+        has = shard.topk_ids[:, 0] >= 0
+        with_target += int(has.sum())
+        sel = has & shard.loss_mask
+        targeted += int(sel.sum())
+        if sel.any():
+            lp = shard.topk_logprobs[sel].astype(np.float64)
+            mass_sum += float(np.exp(lp).sum(axis=1).sum())
+            valid_k_sum += int((shard.topk_ids[sel] >= 0).sum())
+    nbytes = _store_bytes(url)
+    total = sum(nbytes.values())
+    rejects = r.rejects()
+    reasons: dict[str, int] = {}
+    for rj in rejects:
+        key = str(rj.get("reason", "?")).split(":")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    n_total = h.get("num_shards_total")
+    return {
+        "store": str(url),
+        "format_version": h.get("format_version"),
+        "mode": h.get("mode"),
+        "targets": h.get("targets", "topk"),
+        "target_sampling": h.get("target_sampling"),
+        "top_k": h.get("top_k"),
+        "samples": samples,
+        "positions": positions,
+        "positions_with_targets": with_target,
+        "targeted_positions": targeted,
+        "mean_valid_k": round(valid_k_sum / targeted, 2) if targeted else None,
+        "mean_topk_mass": round(mass_sum / targeted, 4) if targeted else None,
+        "bytes_total": total,
+        "bytes_per_position": round(total / positions, 2) if positions else None,
+        "bytes_per_position_by_array": {k: round(v / positions, 2) for k, v in sorted(nbytes.items())} if positions else {},
+        "teacher": h.get("teacher"),
+        "sampling": h.get("sampling"),
+        "logprobs_mode": h.get("logprobs_mode"),
+        "encoding": h.get("encoding"),
+        "shards_committed": len(r.shard_paths),
+        "shards_total": n_total,
+        "complete": bool(h.get("complete", False)) or (n_total is not None and len(r.shard_paths) == n_total),
+        "checksums_verified": verify,
+        "rejects": len(rejects),
+        "rejects_by_reason": reasons,
+        "kdship_version": h.get("kdship_version"),
+    }
+
+
+def format_report(info: dict[str, Any]) -> str:
+    t = info.get("teacher") or {}
+    lines = [
+        f"store            {info['store']}  (format v{info['format_version']}, kdship {info['kdship_version']})",
+        f"mode / targets   {info['mode']} / {info['targets']}   k={info['top_k']}   logprobs={info['logprobs_mode']}",
+        f"samples          {info['samples']}",
+        f"positions        {info['positions']} ({info['positions_with_targets']} with targets, {info['targeted_positions']} targeted by loss_mask)",
+        f"bytes/position   {info['bytes_per_position']}  {info['bytes_per_position_by_array']}",
+        f"top-k mass       {info['mean_topk_mass']} (mean probability inside the stored targets)",
+        f"teacher          {t.get('name_or_path')}",
+        f"  weights sha256 {t.get('weights_sha256')}",
+        f"  vocab {t.get('vocab_size')}  tokenizer sha256 {str(t.get('tokenizer_sha256'))[:16]}...  chat template sha256 {str(t.get('chat_template_sha256'))[:16]}",
+        f"shards           {info['shards_committed']}/{info['shards_total']} committed, complete={info['complete']}, checksums verified={info['checksums_verified']}",
+        f"rejects          {info['rejects']} {info['rejects_by_reason'] or ''}",
+    ]
+    if info.get("sampling"):
+        lines.insert(2, f"sampling         {info['sampling']}")
+    if info.get("target_sampling"):
+        lines.insert(2, f"target sampling  {info['target_sampling']}")
+    return "\n".join(lines)

@@ -1,0 +1,590 @@
+"""``kdship cache``: run the teacher once over a dataset and write its targets into a store.
+
+The work is split into shards by *input row* (``rows_per_shard = max(1, shard_size // samples)``;
+shard s holds rows [s*rps, (s+1)*rps)), so the layout depends only on the data and the settings:
+a killed run, a resumed run, and N processes (``--num-shards N --shard-index I``: process I does
+the shards s with s % N == I) all produce the same shards. Each shard is written completely, then
+committed atomically (``kdship.store``); a resumed run skips committed shards and redoes the rest.
+Generation is reproducible per (row, sample): its seed is derived from (--seed, row index), so a
+redone shard is bit-identical.
+
+``--targets sampled`` (random-sampling KD, arXiv:2503.16870): at each targeted position N = top_k
+tokens are drawn with replacement from the teacher's distribution; the store keeps the *distinct*
+drawn ids (``topk_ids``, padded -1), the teacher's raw log-probability of each (``topk_logprobs``)
+and ``target_weights`` = count / N. With ``--backend hf`` the draw is from the full softmax
+(exact); with vLLM it is from the renormalised top-K' (``--sampled-candidates``, default 128), an
+approximation that ignores the mass outside the top-K' (recorded in the header).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdship.data import DataError, Row, data_fingerprint, read_rows
+from kdship.store import Shard, StoreWriter, shard_path
+
+log = logging.getLogger("kdship.cache")
+
+MODES = ("score", "generate")
+OVERFLOW = ("truncate", "skip", "error")
+TARGETS = ("topk", "sampled")
+BACKENDS = ("vllm", "hf", "openai")
+
+DEFAULTS: dict[str, Any] = dict(
+    mode="score",
+    top_k=32,
+    backend="vllm",
+    targets="topk",
+    samples=1,
+    temperature=1.0,
+    top_p=1.0,
+    max_new_tokens=256,
+    seed=0,
+    max_length=2048,
+    overflow="error",
+    shard_size=256,
+    resume=True,
+    overwrite=False,
+    skip_bad=False,
+    num_shards=1,
+    shard_index=0,
+    tensor_parallel_size=1,
+    teacher_url=None,
+    api_key=None,
+    filter=None,
+    min_new_tokens=None,
+    max_response_tokens=None,
+    dedupe=False,
+    require_finished=False,
+    sampled_candidates=128,
+    split=None,
+    progress=True,
+)
+
+
+class CacheError(RuntimeError):
+    """A run that cannot proceed as asked; the message names the option, file or row."""
+
+
+def _row_seed(seed: int, row: int) -> int:
+    d = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=4).digest()
+    return int.from_bytes(d, "little") & 0x3FFFFFFF  # room for + sample number, < 2**31
+
+
+def _row_record(row: Row) -> dict[str, Any]:
+    rec = dict(row.extra)
+    for k in ("prompt", "response", "text", "messages"):
+        v = getattr(row, k)
+        if v is not None:
+            rec[k] = v
+    return rec
+
+
+def _check_teacher(teacher: str, backend: str) -> None:
+    p = Path(teacher)
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file() and backend != "openai":
+            raise CacheError(f"teacher {teacher}: not a Hugging Face model directory (no config.json)")
+        return
+    looks_like_hub_id = teacher.count("/") == 1 and not teacher.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise CacheError(f"teacher {teacher}: no such directory (give a local HF model directory or a hub id)")
+
+
+def draw_sampled_targets(ids: np.ndarray, lps: np.ndarray, n_draws: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random-sampling KD targets for rows of candidate distributions.
+
+    ids, lps: [L, Kc] candidates (id -1 / -inf padding), the teacher's raw log-probs.
+    Draws ``n_draws`` tokens per row from softmax over the candidates (renormalised; exact when the
+    candidates are the whole vocabulary). Returns ([L, N] distinct ids sorted by count then logprob,
+    [L, N] their teacher logprobs, [L, N] float32 weights count/N); rows without candidates stay -1.
+    """
+    L = ids.shape[0]
+    out_i = np.full((L, n_draws), -1, np.int32)
+    out_l = np.full((L, n_draws), -np.inf, np.float32)
+    out_w = np.zeros((L, n_draws), np.float32)
+    valid = ids[:, 0] >= 0
+    if not valid.any():
+        return out_i, out_l, out_w
+    lp = lps[valid].astype(np.float64)
+    p = np.exp(lp - lp.max(axis=1, keepdims=True))
+    p[~np.isfinite(lp)] = 0.0
+    cdf = np.cumsum(p, axis=1)
+    cdf /= cdf[:, -1:]
+    u = rng.random((lp.shape[0], n_draws))
+    picks = np.empty((lp.shape[0], n_draws), np.int64)
+    for r in range(lp.shape[0]):
+        picks[r] = np.minimum(np.searchsorted(cdf[r], u[r], side="right"), lp.shape[1] - 1)
+    rows = np.flatnonzero(valid)
+    for r, row in enumerate(rows):
+        cols, counts = np.unique(picks[r], return_counts=True)
+        order = np.lexsort((-lps[row, cols], -counts))
+        cols, counts = cols[order], counts[order]
+        m = len(cols)
+        out_i[row, :m] = ids[row, cols]
+        out_l[row, :m] = lps[row, cols]
+        out_w[row, :m] = counts / n_draws
+    return out_i, out_l, out_w
+
+
+def cache(
+    teacher: str,
+    data: str,
+    out: str,
+    mode: str = "score",
+    top_k: int = 32,
+    backend: str = "vllm",
+    targets: str = "topk",
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    max_length: int = 2048,
+    overflow: str = "error",
+    shard_size: int = 256,
+    resume: bool = True,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    tensor_parallel_size: int = 1,
+    teacher_url: str | None = None,
+    api_key: str | None = None,
+    filter: str | None = None,  # noqa: A002 - the CLI flag's name
+    min_new_tokens: int | None = None,
+    max_response_tokens: int | None = None,
+    dedupe: bool = False,
+    require_finished: bool = False,
+    sampled_candidates: int = 128,
+    split: str | None = None,
+    progress: bool = True,
+    teacher_backend=None,
+) -> dict[str, Any]:
+    """Cache the teacher's targets for ``data`` into the store ``out`` (path or fsspec URL).
+
+    Returns a summary dict (rows, samples, positions, rejects by reason, shards written/skipped,
+    tokens/s, complete). ``teacher_backend`` lets a caller pass a ready ``TeacherBackend``.
+    """
+    t_start = time.time()
+    # ---- options ------------------------------------------------------------------------------
+    if mode not in MODES:
+        raise CacheError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if overflow not in OVERFLOW:
+        raise CacheError(f"--overflow {overflow!r}: expected one of {', '.join(OVERFLOW)}")
+    if targets not in TARGETS:
+        raise CacheError(f"--targets {targets!r}: expected one of {', '.join(TARGETS)}")
+    if backend not in BACKENDS:
+        raise CacheError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if top_k < 1:
+        raise CacheError(f"--top-k {top_k}: must be >= 1")
+    if samples < 1:
+        raise CacheError(f"--samples {samples}: must be >= 1")
+    if samples > 1 and mode != "generate":
+        raise CacheError("--samples applies to --mode generate only")
+    if not (num_shards >= 1 and 0 <= shard_index < num_shards):
+        raise CacheError(f"--shard-index {shard_index} / --num-shards {num_shards}: need 0 <= index < num-shards")
+    if shard_size < 1:
+        raise CacheError(f"--shard-size {shard_size}: must be >= 1")
+    if filter not in (None, "answer-match"):
+        raise CacheError(f"--filter {filter!r}: known filters: answer-match")
+    if (filter or min_new_tokens or max_response_tokens or dedupe or require_finished) and mode != "generate":
+        raise CacheError("--filter, length bounds, --dedupe and --require-finished apply to --mode generate only")
+    if backend == "openai" and not teacher_url:
+        raise CacheError("--backend openai needs --teacher-url URL")
+    if backend == "openai" and targets == "sampled":
+        raise CacheError("--targets sampled needs the teacher's distribution; use --backend vllm or hf")
+
+    # ---- teacher: tokenizer and fingerprint ---------------------------------------------------
+    from kdship.cache.render import RenderError, load_tokenizer, render_prompt, render_score, teacher_fingerprint
+
+    _check_teacher(teacher, backend)
+    try:
+        tok = load_tokenizer(teacher)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/...
+        raise CacheError(f"teacher {teacher}: cannot load its tokenizer: {e}") from e
+    fp = teacher_fingerprint(teacher, tok)
+    if fp["weights_sha256"] is None and backend != "openai" and Path(teacher).is_dir():
+        raise CacheError(f"teacher {teacher}: no weight files (*.safetensors, *.bin) in the directory")
+    if teacher_url:
+        fp["url"] = teacher_url
+    vocab = fp["vocab_size"] or len(tok)
+    if top_k > vocab:
+        raise CacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    model_max = _model_max_positions(teacher)
+    eff_max_len = min(max_length, model_max) if model_max else max_length
+    eos_ids = _eos_ids(teacher, tok)
+
+    # ---- data -> rendered items ----------------------------------------------------------------
+    try:
+        rows, bad = read_rows(data, skip_bad=skip_bad, split=split)
+    except DataError as e:
+        raise CacheError(str(e)) from e
+    rejects: list[dict[str, Any]] = [r.as_dict() for r in bad]
+    items: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        try:
+            if mode == "score":
+                toks, mask = render_score(row, tok)
+            else:
+                toks, mask = np.asarray(render_prompt(row, tok), np.int32), None
+        except RenderError as e:
+            if not skip_bad:
+                raise CacheError(f"{row.source}: {e} (pass --skip-bad to write bad rows to rejects.jsonl instead)") from None
+            rejects.append({"row": row.index, "source": row.source, "reason": str(e)})
+            continue
+        budget = eff_max_len if mode == "score" else eff_max_len - max_new_tokens
+        if mode == "generate" and budget < 1:
+            raise CacheError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt within --max-length {eff_max_len}")
+        if len(toks) > budget:
+            what = f"{row.source}: {len(toks)} tokens exceed {'--max-length' if mode == 'score' else '--max-length minus --max-new-tokens'} ({budget})"
+            if overflow == "error":
+                raise CacheError(f"{what}; use --overflow truncate or skip, or a larger --max-length")
+            if overflow == "skip":
+                rejects.append({"row": row.index, "source": row.source, "reason": f"overflow: {len(toks)} tokens > {budget}"})
+                continue
+            toks = toks[:budget]
+            mask = mask[:budget] if mask is not None else None
+        if len(toks) < (2 if mode == "score" else 1):
+            reason = "renders to fewer than 2 tokens; nothing to score" if mode == "score" else "renders to an empty prompt"
+            if not skip_bad:
+                raise CacheError(f"{row.source}: {reason}")
+            rejects.append({"row": row.index, "source": row.source, "reason": reason})
+            continue
+        items[row.index] = {"row": row, "tokens": toks, "mask": mask}
+    n_records = max([r.index for r in rows] + [r["row"] for r in rejects] + [-1]) + 1
+
+    # ---- store header ----------------------------------------------------------------------------
+    rows_per_shard = max(1, shard_size // samples)
+    n_total_shards = max(1, math.ceil(n_records / rows_per_shard))
+    k_store = top_k
+    if backend == "openai":
+        k_store = None  # decided by the backend's cap, below
+    header = {
+        "mode": mode,
+        "top_k": k_store,
+        "targets": targets,
+        "target_sampling": (
+            {"draws": top_k, "candidates": "full-vocabulary" if backend == "hf" else int(sampled_candidates), "exact": backend == "hf", "seed": seed}
+            if targets == "sampled"
+            else None
+        ),
+        "teacher": fp,
+        "sampling": (
+            {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+            if mode == "generate"
+            else {}
+        ),
+        "logprobs_mode": "raw_logprobs",
+        "max_length": eff_max_len,
+        "overflow": overflow,
+        "data": dict(data_fingerprint(data), num_records=n_records, skip_bad=skip_bad, split=split),
+        "shard_size": shard_size,
+        "filters": (
+            {"filter": filter, "min_new_tokens": min_new_tokens, "max_new_tokens": max_response_tokens, "dedupe": dedupe, "require_finished": require_finished}
+            if mode == "generate"
+            else None
+        ),
+        "num_shards_total": n_total_shards,
+        "rows_per_shard": rows_per_shard,
+    }
+
+    # ---- backend (built lazily: a finished store is checked without starting an engine) ----------
+    state: dict[str, Any] = {"backend": teacher_backend}
+
+    def get_backend():
+        if state["backend"] is None:
+            t_build = time.time()
+            state["backend"] = _make_backend(backend, teacher, tok, eos_ids, tensor_parallel_size, teacher_url, api_key, eff_max_len, top_k, targets, sampled_candidates)
+            state["build_seconds"] = time.time() - t_build
+        if not isinstance(state["backend"], _TimedBackend):
+            state["backend"] = _TimedBackend(state["backend"])
+        return state["backend"]
+
+    if backend == "openai":
+        header["top_k"] = get_backend().effective_top_k(top_k)
+        k_store = header["top_k"]
+    writer = _open_writer(out, header, overwrite, resume)
+    committed = set(writer.committed())
+    mine = [s for s in range(n_total_shards) if s % num_shards == shard_index]
+    todo = [s for s in mine if shard_path(s) not in committed]
+
+    stats = {"samples": 0, "positions": 0, "targeted_positions": 0, "generated_tokens": 0, "teacher_seconds": 0.0}
+    reject_counts: dict[str, int] = {}
+    filter_fn = None
+    if mode == "generate" and (filter or min_new_tokens or max_response_tokens or dedupe or require_finished):
+        filter_fn = _load_filter()
+
+    bar = _Progress(len(todo), enabled=progress, label=f"kdship cache {mode} -> {out}")
+    try:
+        for s in todo:
+            lo, hi = s * rows_per_shard, min(n_records, (s + 1) * rows_per_shard)
+            shard_items = [items[i] for i in range(lo, hi) if i in items]
+            shard_rejects = [r for r in rejects if lo <= r["row"] < hi]
+            t0 = time.time()
+            samples_out: list[dict[str, Any]] = []
+            if shard_items:
+                be = get_backend()
+                if mode == "score":
+                    samples_out = _score_items(be, shard_items, k_store, targets, sampled_candidates, seed, vocab)
+                else:
+                    samples_out, frej = _generate_items(
+                        be, shard_items, k_store, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
+                        filter_fn, filter, min_new_tokens, max_response_tokens, dedupe, require_finished,
+                    )
+                    shard_rejects += frej
+            stats["teacher_seconds"] += time.time() - t0
+            shard = Shard.build(samples_out, k_store, with_target_weights=(targets == "sampled"))
+            writer.write_shard(s, shard, rejects=shard_rejects)
+            stats["samples"] += shard.num_samples
+            stats["positions"] += shard.num_positions
+            stats["targeted_positions"] += int((shard.loss_mask & (shard.topk_ids[:, 0] >= 0)).sum())
+            stats["generated_tokens"] += int(shard.loss_mask.sum()) if mode == "generate" else 0
+            for r in shard_rejects:
+                key = r["reason"].split(":")[0]
+                reject_counts[key] = reject_counts.get(key, 0) + 1
+            bar.advance(shard.num_positions)
+    finally:
+        bar.close()
+
+    committed = set(writer.committed())
+    complete = all(shard_path(s) in committed for s in range(n_total_shards))
+    n_rejects = writer.rebuild_rejects()
+    if complete:
+        writer.update_header(complete=True)
+    elapsed = time.time() - t_start
+    summary = {
+        "store": str(out),
+        "mode": mode,
+        "targets": targets,
+        "backend": backend,
+        "top_k": k_store,
+        "rows": n_records,
+        "shards_total": n_total_shards,
+        "shards_written": len(todo),
+        "shards_skipped": len(mine) - len(todo),
+        **stats,
+        "rejects_this_run": sum(reject_counts.values()),
+        "rejects_by_reason": reject_counts,
+        "rejects_in_store": n_rejects,
+        "complete": complete,
+        "seconds": round(elapsed, 2),
+        "positions_per_second": round(stats["positions"] / stats["teacher_seconds"], 1) if stats["teacher_seconds"] else None,
+        # time inside the teacher's score/generate calls vs the whole run (read, render, parse, encode, write)
+        "backend_seconds": round(state["backend"].seconds, 2) if isinstance(state["backend"], _TimedBackend) else 0.0,
+    }
+    summary["backend_build_seconds"] = round(state.get("build_seconds", 0.0), 2)
+    # kdship's own share of the run: everything but the teacher's calls and the one-time engine start
+    busy = elapsed - state.get("build_seconds", 0.0)
+    summary["writer_overhead_fraction"] = round(1 - summary["backend_seconds"] / busy, 3) if summary["backend_seconds"] and busy > 0 else None
+    summary["teacher_seconds"] = round(summary["teacher_seconds"], 2)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _open_writer(out, header, overwrite, resume):
+    from kdship.store import StoreError
+
+    try:
+        return StoreWriter(out, header, overwrite=overwrite, resume=resume)
+    except StoreError as e:
+        raise CacheError(str(e)) from e
+
+
+def _model_max_positions(teacher: str) -> int | None:
+    import json
+
+    f = Path(teacher) / "config.json"
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    cfg = cfg.get("text_config", cfg)
+    v = cfg.get("max_position_embeddings")
+    return int(v) if v else None
+
+
+def _eos_ids(teacher: str, tok) -> list[int]:
+    import json
+
+    ids = set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    f = Path(teacher) / "generation_config.json"
+    if f.is_file():
+        e = json.loads(f.read_text()).get("eos_token_id")
+        for x in e if isinstance(e, list) else [e]:
+            if x is not None:
+                ids.add(int(x))
+    return sorted(ids)
+
+
+def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_len, top_k, targets, sampled_candidates):
+    if backend == "hf":
+        from kdship.cache.hf_backend import HFBackend
+
+        return HFBackend(teacher, eos_token_ids=eos_ids)
+    if backend == "openai":
+        from kdship.cache.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(teacher_url, api_key=api_key, tokenizer=tok)
+    from kdship.cache.vllm_backend import DEFAULT_MAX_LOGPROBS, TeacherUnsupported, VLLMBackend, default_max_model_len
+
+    need = max(top_k, sampled_candidates if targets == "sampled" else 0)
+    try:
+        return VLLMBackend(
+            teacher,
+            tensor_parallel_size=tp,
+            max_model_len=max(default_max_model_len(teacher), max_len),
+            max_logprobs=max(DEFAULT_MAX_LOGPROBS, need),
+            eos_token_ids=eos_ids,
+        )
+    except TeacherUnsupported as e:
+        raise CacheError(str(e)) from e
+
+
+def _load_filter():
+    try:
+        from kdship.cache.filters import filter_generations
+    except ImportError as e:  # pragma: no cover - the module ships with kdship
+        raise CacheError(f"generation filters unavailable: {e}") from e
+    return filter_generations
+
+
+def _targets_for(ids, lps, top_k, targets, rng):
+    if targets == "topk":
+        return ids[:, :top_k], lps[:, :top_k], None
+    return draw_sampled_targets(ids, lps, top_k, rng)
+
+
+def _candidates_k(be, top_k, targets, sampled_candidates, vocab) -> int:
+    if targets == "topk":
+        return top_k
+    if be.name == "hf":
+        return vocab  # the full distribution: exact sampling
+    return max(top_k, min(int(sampled_candidates), vocab))
+
+
+def _sample_rng(seed: int, row: int, sample: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(row), int(sample), 0x5A3])
+
+
+def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab):
+    kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
+    # bound memory when whole distributions come back
+    group = len(items) if kc <= 1024 else max(1, (32 << 20) // (kc * max(len(it["tokens"]) for it in items)))
+    out = []
+    for g in range(0, len(items), group):
+        chunk = items[g : g + group]
+        res = be.score([it["tokens"].tolist() for it in chunk], kc)
+        for it, (ids, lps) in zip(chunk, res):
+            ti, tl, tw = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, 0))
+            s = {"tokens": it["tokens"], "loss_mask": it["mask"], "topk_ids": ti, "topk_logprobs": tl, "sample_index": it["row"].index}
+            if tw is not None:
+                s["target_weights"] = tw
+            out.append(s)
+    return out
+
+
+def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
+                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished):
+    kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
+    prompts = [it["tokens"].tolist() for it in items]
+    seeds = [_row_seed(seed, it["row"].index) for it in items]
+    gens = be.generate(prompts, kc, samples, temperature, top_p, max_new_tokens, seeds)
+    out, rejects = [], []
+    for it, row_gens in zip(items, gens):
+        idx = list(range(len(row_gens)))
+        if filter_fn is not None:
+            texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in row_gens] if filter_name == "answer-match" else None
+            try:
+                res = filter_fn(
+                    _row_record(it["row"]), row_gens, texts, row_index=it["row"].index, answer_match=(filter_name == "answer-match"),
+                    min_new_tokens=min_new_tokens, max_new_tokens=max_response_tokens, dedupe=dedupe, require_finished=require_finished,
+                )
+            except ValueError as e:  # FilterError: the row lacks what the filter needs
+                raise CacheError(f"{it['row'].source}: {e}") from e
+            idx = list(res.kept_indices)
+            for r in res.rejects:
+                r.setdefault("source", it["row"].source)
+                rejects.append(r)
+        P = len(it["tokens"])
+        for j in idx:
+            g = row_gens[j]
+            G = len(g.token_ids)
+            ids = np.full((P + G, kc), -1, np.int32)
+            lps = np.full((P + G, kc), -np.inf, np.float32)
+            if G:
+                ids[P:] = g.topk_ids[:, :kc]
+                lps[P:] = g.topk_logprobs[:, :kc]
+            ti, tl, tw = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, j))
+            mask = np.zeros(P + G, bool)
+            mask[P:] = True
+            s = {
+                "tokens": np.concatenate([it["tokens"], np.asarray(g.token_ids, np.int32)]),
+                "loss_mask": mask,
+                "topk_ids": ti,
+                "topk_logprobs": tl,
+                "sample_index": it["row"].index,
+            }
+            if tw is not None:
+                s["target_weights"] = tw
+            out.append(s)
+    return out, rejects
+
+
+class _TimedBackend:
+    """Wraps a backend and sums the seconds spent inside its score/generate calls."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return self.inner.score(*a, **kw)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def generate(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return self.inner.generate(*a, **kw)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+class _Progress:
+    """A rich progress bar over shards (positions shown), silent when disabled or nothing to do."""
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.p = None
+        if enabled and total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards, {task.fields[pos]} positions"),
+                              TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self.p.start()
+            self.task = self.p.add_task(label, total=total, pos=0)
+            self.pos = 0
+
+    def advance(self, positions: int) -> None:
+        if self.p is not None:
+            self.pos += positions
+            self.p.update(self.task, advance=1, pos=self.pos)
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+

@@ -1,0 +1,387 @@
+"""Streams a kdship store into packed training batches: shards in the background, never the whole store.
+
+Order (deterministic from ``seed``): each epoch permutes the shards, takes them ``shuffle_shards`` at a
+time (a *group*), and permutes the group's samples together, so samples mix across shards while only
+one group (plus the next, being decoded by worker threads) is in memory. A global batch is the next
+samples in that order until their tokens would pass ``batch_tokens``; under DDP every rank builds the
+same global batch and takes its share (longest first, to the rank with the fewest tokens), so N
+processes see exactly the samples one process would. Each rank packs its samples into rows
+(first-fit decreasing, row length = its longest sample) with position ids restarting at every sample;
+transformers turns restarting position ids into a block-diagonal causal mask (no cross-sample
+attention).
+
+Held-out slice: a sample is held out when the first 4 bytes of its content hash, read as a fraction of
+2**32, fall below ``heldout_fraction``: stable across re-sharding, never trained on, and the first
+``eval_samples`` of them (in store order) are the evaluation set.
+
+Resuming: every batch carries ``state`` = where the next batch starts (epoch, group, index in the
+group's order); ``StoreLoader(..., state=that)`` continues from there exactly.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from kdship.store import StoreReader
+
+
+@dataclass
+class Rows:
+    """The trained rows of one rank's batch, flattened: N rows."""
+
+    topk_ids: torch.Tensor  # [N, K] int64, -1 = no id
+    topk_logprobs: torch.Tensor  # [N, K] float32, -inf with id -1
+    target_weights: torch.Tensor | None  # [N, K] float32 (sampled stores) or None
+    targets: torch.Tensor  # [N] int64, the data token of each row
+    row_weight: torch.Tensor  # [N] float32, averaging weights; they sum to 1 over the global batch
+
+    def to(self, device) -> "Rows":
+        return Rows(**{k: (None if v is None else v.to(device, non_blocking=True)) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [R, C] int64
+    position_ids: torch.Tensor  # [R, C] int64, restarting at 0 for every packed sample
+    pred_index: torch.Tensor  # [N] int64, flat index into R*C of the position predicting each row
+    rows: Rows
+    tokens: int  # real input tokens on this rank
+    global_tokens: int  # real input tokens in the global batch (all ranks)
+    global_rows: int
+    epoch: int
+    state: dict[str, int] = field(default_factory=dict)  # where the next batch starts
+
+
+def heldout_mask(sample_hash: np.ndarray, fraction: float) -> np.ndarray:
+    """[S] bool: samples held out for evaluation, from their content hash [S, 16] uint8."""
+    if fraction <= 0 or len(sample_hash) == 0:
+        return np.zeros(len(sample_hash), dtype=bool)
+    u = sample_hash[:, :4].astype(np.uint64)
+    val = (u[:, 0] << 24) | (u[:, 1] << 16) | (u[:, 2] << 8) | u[:, 3]
+    return val.astype(np.float64) / 2.0**32 < fraction
+
+
+@dataclass
+class _Sample:
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    target_weights: np.ndarray | None
+
+    @property
+    def n_input(self) -> int:  # the last token is only ever a target
+        return len(self.tokens) - 1
+
+    def trained_rows(self) -> np.ndarray:
+        rows = np.flatnonzero(self.loss_mask)
+        return rows[rows >= 1]
+
+
+def _samples_of(shard, keep: np.ndarray) -> list[_Sample]:
+    tw = getattr(shard, "target_weights", None)
+    out = []
+    for i in np.flatnonzero(keep):
+        a, b = int(shard.offsets[i]), int(shard.offsets[i + 1])
+        out.append(_Sample(shard.tokens[a:b], shard.loss_mask[a:b], shard.topk_ids[a:b], shard.topk_logprobs[a:b], None if tw is None else tw[a:b]))
+    return out
+
+
+def collate(samples: list[_Sample], global_rows: int, global_samples: int, average: str, global_tokens: int, epoch: int = 0) -> Batch:
+    """Pack one rank's samples into rows and gather their trained rows' targets."""
+    if average not in ("token", "sequence"):
+        raise ValueError(f"--average {average!r}: choose token or sequence")
+    K = samples[0].topk_ids.shape[1] if samples else 1
+    order = sorted(range(len(samples)), key=lambda i: -samples[i].n_input)
+    cap = max((s.n_input for s in samples), default=1)
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:  # first-fit decreasing
+        n = samples[i].n_input
+        for b in range(len(bins)):
+            if fill[b] + n <= cap:
+                bins[b].append(i)
+                fill[b] += n
+                break
+        else:
+            bins.append([i])
+            fill.append(n)
+    R = max(1, len(bins))
+    input_ids = np.zeros((R, cap), dtype=np.int64)
+    position_ids = np.zeros((R, cap), dtype=np.int64)
+    pred, ids, lps, tws, tg, rw = [], [], [], [], [], []
+    has_tw = any(s.target_weights is not None for s in samples)
+    for r, b in enumerate(bins):
+        at = 0
+        for i in b:
+            s = samples[i]
+            n = s.n_input
+            input_ids[r, at : at + n] = s.tokens[:n]
+            position_ids[r, at : at + n] = np.arange(n)
+            rows = s.trained_rows()
+            pred.append(r * cap + at + rows - 1)
+            ids.append(s.topk_ids[rows])
+            lps.append(s.topk_logprobs[rows])
+            if has_tw:
+                tws.append(s.target_weights[rows] if s.target_weights is not None else np.zeros((len(rows), K), np.float32))
+            tg.append(s.tokens[rows])
+            if average == "token":
+                rw.append(np.full(len(rows), 1.0 / global_rows, dtype=np.float64))
+            else:
+                rw.append(np.full(len(rows), 1.0 / (len(rows) * global_samples), dtype=np.float64))
+            at += n
+        if at < cap:  # padding: its own segment (positions restart), never a target
+            position_ids[r, at:] = np.arange(cap - at)
+    cat = lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt)  # noqa: E731
+    rows = Rows(
+        topk_ids=torch.from_numpy(cat(ids, (0, K), np.int32).astype(np.int64)),
+        topk_logprobs=torch.from_numpy(cat(lps, (0, K), np.float32).astype(np.float32)),
+        target_weights=torch.from_numpy(cat(tws, (0, K), np.float32).astype(np.float32)) if has_tw else None,
+        targets=torch.from_numpy(cat(tg, (0,), np.int32).astype(np.int64)),
+        row_weight=torch.from_numpy(cat(rw, (0,), np.float64).astype(np.float32)),
+    )
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        pred_index=torch.from_numpy(cat(pred, (0,), np.int64).astype(np.int64)),
+        rows=rows,
+        tokens=int(sum(s.n_input for s in samples)),
+        global_tokens=global_tokens,
+        global_rows=global_rows,
+        epoch=epoch,
+    )
+
+
+def split_for_ranks(samples: list[_Sample], world_size: int) -> list[list[_Sample]]:
+    """Longest first to the rank with the fewest tokens so far (ties: lowest rank); deterministic."""
+    parts: list[list[_Sample]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(len(samples)), key=lambda i: (-samples[i].n_input, i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        parts[r].append(samples[i])
+        load[r] += samples[i].n_input
+    return parts
+
+
+class StoreLoader:
+    """Iterate packed batches from a store; ``max_epochs=None`` cycles forever.
+
+    ``state`` (from ``Batch.state``) resumes exactly; ``workers`` threads decode shards ahead.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        batch_tokens: int,
+        seed: int = 0,
+        heldout_fraction: float = 0.02,
+        eval_samples: int = 64,
+        shuffle_shards: int = 4,
+        workers: int = 2,
+        average: str = "token",
+        rank: int = 0,
+        world_size: int = 1,
+        max_epochs: int | None = None,
+        state: dict[str, int] | None = None,
+        verify: bool = True,
+        prefetch_batches: int = 4,
+    ):
+        self.reader = StoreReader(store, verify=verify)
+        self.paths = self.reader.shard_paths
+        if not self.paths:
+            raise ValueError(f"{store}: the store has no committed shards; run `kdship cache` first")
+        self.batch_tokens = int(batch_tokens)
+        if self.batch_tokens < 2:
+            raise ValueError(f"--batch-tokens must be >= 2, got {batch_tokens}")
+        self.seed = int(seed)
+        self.heldout_fraction = float(heldout_fraction)
+        self.eval_samples = int(eval_samples)
+        self.shuffle_shards = max(1, int(shuffle_shards))
+        self.workers = max(1, int(workers))
+        self.average = average
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.max_epochs = max_epochs
+        self.state = dict(state or {"epoch": 0, "group": 0, "index": 0})
+        self.prefetch_batches = prefetch_batches
+        # shards decode on `workers` threads; a separate thread assembles the next group from them
+        # (one pool for both would deadlock when the group task holds the only worker)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdship-decode")
+        self._group_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdship-group")
+        self.skipped_empty = 0
+
+    # -- order ---------------------------------------------------------------------------------------
+    def _groups(self, epoch: int) -> list[list[str]]:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.paths))
+        order = [self.paths[i] for i in perm]
+        return [order[i : i + self.shuffle_shards] for i in range(0, len(order), self.shuffle_shards)]
+
+    def _decode_group(self, paths: list[str], epoch: int, group: int) -> list[_Sample]:
+        samples: list[_Sample] = []
+        for shard in self._pool.map(self.reader.read_shard, paths):
+            keep = ~heldout_mask(shard.sample_hash, self.heldout_fraction)
+            for s in _samples_of(shard, keep):
+                if len(s.trained_rows()):
+                    samples.append(s)
+                else:
+                    self.skipped_empty += 1
+        perm = np.random.default_rng([self.seed, epoch, group, 1]).permutation(len(samples))
+        return [samples[i] for i in perm]
+
+    def _sample_stream(self) -> Iterator[tuple[_Sample, dict[str, int]]]:
+        """(sample, position of the sample *after* it) in training order, from ``self.state``."""
+        epoch, group, index = self.state["epoch"], self.state["group"], self.state["index"]
+        while self.max_epochs is None or epoch < self.max_epochs:
+            groups = self._groups(epoch)
+            nxt = self._group_pool.submit(self._decode_group, groups[group], epoch, group) if group < len(groups) else None
+            while group < len(groups):
+                samples = nxt.result()
+                following = (epoch, group + 1) if group + 1 < len(groups) else (epoch + 1, 0)
+                if following[0] == epoch or self.max_epochs is None or following[0] < self.max_epochs:
+                    fg = self._groups(following[0])
+                    nxt = self._group_pool.submit(self._decode_group, fg[following[1]], following[0], following[1])
+                for i in range(index, len(samples)):
+                    after = {"epoch": epoch, "group": group, "index": i + 1}
+                    if i + 1 == len(samples):
+                        after = {"epoch": following[0], "group": following[1], "index": 0}
+                    after["sample_epoch"] = epoch
+                    yield samples[i], after
+                group, index = group + 1, 0
+            epoch, group, index = epoch + 1, 0, 0
+
+    def _batches(self) -> Iterator[Batch]:
+        pending: list[tuple[_Sample, dict[str, int]]] = []
+        tokens = 0
+        for s, after in self._sample_stream():
+            if pending and tokens + s.n_input > self.batch_tokens:
+                yield self._make_batch(pending)
+                pending, tokens = [], 0
+            pending.append((s, after))
+            tokens += s.n_input
+            if tokens >= self.batch_tokens:
+                yield self._make_batch(pending)
+                pending, tokens = [], 0
+        if pending:
+            yield self._make_batch(pending)
+
+    def _make_batch(self, pending) -> Batch:
+        samples = [p[0] for p in pending]
+        g_rows = sum(len(s.trained_rows()) for s in samples)
+        g_tokens = sum(s.n_input for s in samples)
+        mine = split_for_ranks(samples, self.world_size)[self.rank]
+        batch = collate(mine, g_rows, len(samples), self.average, g_tokens, epoch=pending[0][1]["sample_epoch"])
+        batch.state = {k: v for k, v in pending[-1][1].items() if k != "sample_epoch"}
+        return batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches produced by a background thread (collation overlaps the training step)."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        end = object()
+
+        def produce():
+            try:
+                for b in self._batches():
+                    while not stop.is_set():
+                        try:
+                            q.put(b, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(end)
+            except BaseException as e:  # surface decode errors (e.g. a failed checksum) in the trainer
+                q.put(e)
+
+        t = threading.Thread(target=produce, name="kdship-batches", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                self.state = dict(item.state)
+                yield item
+        finally:
+            stop.set()
+
+    def count_batches(self) -> int:
+        """Batches in ``max_epochs`` epochs from the start, reading only offsets, masks and hashes."""
+        if self.max_epochs is None:
+            raise ValueError("count_batches needs max_epochs")
+        lengths_of: dict[str, list[int]] = {}
+
+        def lengths(path: str) -> list[int]:
+            if path not in lengths_of:
+                g = self.reader.root[path]
+                off = np.asarray(g["offsets"][...])
+                mask = np.asarray(g["loss_mask"][...])
+                held = heldout_mask(np.asarray(g["sample_hash"][...]), self.heldout_fraction)
+                out = []
+                for i in range(len(off) - 1):
+                    a, b = int(off[i]), int(off[i + 1])
+                    if not held[i] and mask[a + 1 : b].any():
+                        out.append(b - a - 1)
+                lengths_of[path] = out
+            return lengths_of[path]
+
+        n, tokens, pending = 0, 0, False
+        for epoch in range(self.max_epochs):
+            for group, paths in enumerate(self._groups(epoch)):
+                ls = [x for p in paths for x in lengths(p)]
+                perm = np.random.default_rng([self.seed, epoch, group, 1]).permutation(len(ls))
+                for i in perm:
+                    x = ls[i]
+                    if pending and tokens + x > self.batch_tokens:
+                        n, tokens, pending = n + 1, 0, False
+                    tokens, pending = tokens + x, True
+                    if tokens >= self.batch_tokens:
+                        n, tokens, pending = n + 1, 0, False
+        return n + int(pending)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def heldout_samples(self) -> list[_Sample]:
+        """The first ``eval_samples`` held-out samples in store order (reads only hashes to find them)."""
+        out: list[_Sample] = []
+        for p in self.paths:
+            if len(out) >= self.eval_samples:
+                break
+            hashes = np.asarray(self.reader.root[p]["sample_hash"][...])
+            held = heldout_mask(hashes, self.heldout_fraction)
+            if not held.any():
+                continue
+            shard = self.reader.read_shard(p)
+            out.extend(s for s in _samples_of(shard, held) if len(s.trained_rows()))
+        return out[: self.eval_samples]
+
+    def eval_batches(self, batch_tokens: int | None = None) -> list[Batch]:
+        """The held-out samples as batches (whole, on every rank; per-token averaging)."""
+        samples = self.heldout_samples()
+        bt = batch_tokens or self.batch_tokens
+        out, cur, n = [], [], 0
+        total_rows = sum(len(s.trained_rows()) for s in samples)
+        for s in samples:
+            if cur and n + s.n_input > bt:
+                out.append(cur)
+                cur, n = [], 0
+            cur.append(s)
+            n += s.n_input
+        if cur:
+            out.append(cur)
+        return [collate(c, total_rows, len(samples), "token", sum(s.n_input for s in c)) for c in out]
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def close(self) -> None:
+        self._group_pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,341 @@
+"""Distillation losses from stored teacher targets, with a chunked, fused lm_head.
+
+One interface (torchtune ``kd_losses`` style): a ``DistillLoss`` built from a ``LossConfig`` takes the
+student's final hidden states at the trained positions, the lm_head weight and the batch's stored
+targets, and returns a scalar loss plus its parts. Everything below works on *rows*: one row is one
+trained position (a store row j >= 1 with ``loss_mask[j]``), paired with the student's output at
+position j-1.
+
+Notation (per row; p = teacher, q = student; K stored ids per row, V the student's vocabulary)::
+
+    z      = h W^T / T                      student logits at temperature T          [N, V]
+    log q  = z - logsumexp(z)               full-vocabulary student log-probs        (never [N, V] at once)
+    s_i    = log q[id_i]                    gathered at the stored ids               [N, K]
+    t_i    = stored teacher logprob         raw log-softmax at T = 1                 [N, K]
+
+Divergences (sums over the categories c of the chosen support)::
+
+    fkl   KL(p||q)        = sum_c p_c (log p_c - log q_c)
+    rkl   KL(q||p)        = sum_c q_c (log q_c - log p_c)
+    jsd   JSD_beta(p, q)  = beta KL(p||m) + (1-beta) KL(q||m),  m = beta p + (1-beta) q   (0 < beta < 1)
+    skl   SKL_alpha(p, q) = KL(p || alpha p + (1-alpha) q)                              (DistiLLM)
+    srkl  SRKL_alpha(p,q) = KL(q || alpha q + (1-alpha) p)                              (DistiLLM)
+    tvd   TVD(p, q)       = 1/2 sum_c |p_c - q_c|
+    sft   no divergence: cross-entropy on the data tokens only (sequence-level KD on ``generate`` stores)
+
+The support (``tail``) for top-k stores::
+
+    renorm   categories = the K stored ids; p and q both renormalised over them:
+             p_c = softmax(t / T)_c,  q_c = softmax(s)_c  (s already at temperature T)
+    bucket   categories = the K stored ids + one "rest" category holding everything else:
+             p_rest = 1 - sum_i exp(t_i),  q_rest = 1 - sum_i exp(s_i)
+             (T != 1 tempers p over the K+1 categories as if "rest" were one token: an approximation)
+             A row whose ids cover the whole tokenizer vocabulary, or whose teacher rest mass is below
+             1e-6 (rounding), has no rest category: with k = vocab both tails equal full-vocabulary KD.
+
+Sampled sparse targets (stores with header ``targets == "sampled"``; arXiv 2503.16870): the stored
+ids are the distinct tokens drawn from the teacher's distribution, ``target_weights`` w_i = count/N.
+Every divergence above is an expectation under p of a per-category quantity,
+D = sum_c p_c g_c with g_c = term_c / p_c, so sum_i w_i g_i is an unbiased estimate of it
+(exact for fkl's gradient in expectation; variance grows for rkl where q >> p). T must be 1.
+
+Total loss, averaged over rows (``average="token"``) or over sequences of length-normalised row means
+(``average="sequence"``); the batch's row weights carry this (see ``loader.Batch.row_weight``)::
+
+    loss = sum_rows row_weight * ((1 - ce_weight) * D_row + ce_weight * CE_row),
+    CE_row = -log q_{T=1}[data token]
+
+No [N, V] float32 tensor is ever held: ``fused_head_loss`` computes logits ``chunk_rows`` rows at a
+time, takes the logsumexp and the gathers, evaluates the row losses on the small [c, K] tensors and
+computes the gradient with respect to that chunk's logits right away (the row losses depend on one row
+each), so the lm_head's backward is done inside the forward, as in fused linear cross-entropy kernels:
+one logits matmul and two gradient matmuls per chunk, no recomputation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "sft")
+TAILS = ("bucket", "renorm")
+AVERAGES = ("token", "sequence")
+REST_EPS = 1e-6  # teacher "rest" mass below this is rounding, not a category
+
+
+@dataclass
+class LossConfig:
+    kind: str = "fkl"
+    tail: str = "bucket"
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    beta: float = 0.5  # jsd
+    alpha: float = 0.1  # skl / srkl
+    chunk_rows: int | None = None  # rows per lm_head chunk; None = about 8M logits per chunk
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"--loss {self.kind!r}: unknown; choose one of {', '.join(KINDS)}")
+        if self.tail not in TAILS:
+            raise ValueError(f"--tail {self.tail!r}: unknown; choose one of {', '.join(TAILS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"--ce-weight must be in [0, 1], got {self.ce_weight}")
+        if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"--beta must be in (0, 1) for jsd, got {self.beta}")
+        if self.kind in ("skl", "srkl") and not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"--alpha must be in [0, 1) for {self.kind}, got {self.alpha}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergences as per-category terms
+
+
+def _kl_terms(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """a_c (log a_c - log b_c), 0 where a_c = 0. la, lb: log-probs [..., C]."""
+    a = la.exp()
+    return torch.where(a > 0, a * (la - lb), torch.zeros_like(a))
+
+
+def divergence_terms(kind: str, lp: torch.Tensor, lq: torch.Tensor, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
+    """Per-category terms [..., C] whose sum over C is the divergence D(p, q) named by ``kind``.
+
+    lp: teacher log-probs [..., C]; lq: student log-probs [..., C]; both finite (callers sanitise
+    invalid categories to a finite value and zero their terms afterwards).
+    """
+    if kind == "fkl":
+        return _kl_terms(lp, lq)
+    if kind == "rkl":
+        return _kl_terms(lq, lp)
+    if kind == "jsd":
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        return beta * _kl_terms(lp, lm) + (1 - beta) * _kl_terms(lq, lm)
+    if kind == "skl":
+        lm = lq if alpha == 0 else torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha))
+        return _kl_terms(lp, lm)
+    if kind == "srkl":
+        lm = lp if alpha == 0 else torch.logaddexp(lq + math.log(alpha), lp + math.log1p(-alpha))
+        return _kl_terms(lq, lm)
+    if kind == "tvd":
+        return 0.5 * (lp.exp() - lq.exp()).abs()
+    raise ValueError(f"no divergence for loss kind {kind!r}")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x < -math.log(2.0), torch.log1p(-x.exp()), torch.log(-torch.expm1(x)))
+
+
+def kd_row_losses(
+    cfg: LossConfig,
+    s_lp: torch.Tensor,
+    t_lp: torch.Tensor,
+    valid: torch.Tensor,
+    target_weights: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Divergence per row [N] from student log-probs at the stored ids.
+
+    s_lp: [N, K] student log-probs at the stored ids, normalised over the full vocabulary at
+          temperature T (float32). t_lp: [N, K] stored teacher logprobs (T = 1). valid: [N, K] bool
+          (id != -1 and t_lp finite). target_weights: [N, K] w_i = count/N for sampled stores, else None.
+    vocab_size: the tokenizer's vocabulary; rows with that many valid ids are complete (no rest).
+    Rows with no valid entry give 0; gradients stay finite (invalid entries are replaced before use).
+    """
+    T = float(cfg.temperature)
+    zero = torch.zeros((), dtype=s_lp.dtype, device=s_lp.device)
+    has_any = valid.any(-1)
+    neg = torch.finfo(s_lp.dtype).min / 4
+    s_safe = torch.where(valid, s_lp, zero)
+    t_safe = torch.where(valid, t_lp, zero)
+
+    if target_weights is not None:  # sampled: D ~= sum_i w_i term_i / p_i, terms on the full vocabulary
+        if T != 1.0:
+            raise ValueError("sampled targets were drawn at temperature 1; --temperature must be 1 with them")
+        terms = divergence_terms(cfg.kind, t_safe, s_safe, cfg.beta, cfg.alpha)
+        w = torch.where(valid, target_weights.to(s_lp.dtype), zero)
+        return (w * terms * torch.exp(-t_safe)).sum(-1)
+
+    if cfg.tail == "renorm":
+        lp = torch.log_softmax(torch.where(valid, t_safe / T, neg), -1)
+        lq = torch.log_softmax(torch.where(valid, s_safe, neg), -1)
+        lp, lq = torch.where(valid, lp, zero), torch.where(valid, lq, zero)
+        terms = divergence_terms(cfg.kind, lp, lq, cfg.beta, cfg.alpha)
+        out = torch.where(valid, terms, zero).sum(-1)
+        return torch.where(has_any, out, zero)
+
+    # bucket: K stored ids + one "rest" category
+    t_in = torch.logsumexp(torch.where(valid, t_safe.double(), -math.inf), -1)  # log mass inside (fp64: rounding)
+    t_rest_mass = (-torch.expm1(t_in)).clamp(min=0)
+    complete = valid.sum(-1) >= vocab_size if vocab_size else torch.zeros_like(has_any)
+    rest_valid = has_any & ~complete & (t_rest_mass > REST_EPS)
+    t_rest = torch.where(rest_valid, t_rest_mass.clamp(min=REST_EPS).log(), 0.0).to(s_lp.dtype)
+    s_in = torch.logsumexp(torch.where(valid, s_safe, neg), -1)
+    s_rest = torch.where(rest_valid, _log1mexp(torch.where(rest_valid, s_in, -1.0)), zero)
+    lp = torch.cat([t_safe, t_rest[:, None]], -1)
+    lq = torch.cat([s_safe, s_rest[:, None]], -1)
+    cat_valid = torch.cat([valid, rest_valid[:, None]], -1)
+    if T != 1.0:  # temper the teacher over the K+1 categories
+        lp = torch.log_softmax(torch.where(cat_valid, lp / T, neg), -1)
+        lp = torch.where(cat_valid, lp, zero)
+    terms = divergence_terms(cfg.kind, lp, lq, cfg.beta, cfg.alpha)
+    out = torch.where(cat_valid, terms, zero).sum(-1)
+    return torch.where(has_any, out, zero)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused, chunked lm_head
+
+
+RowFn = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_chunk_rows(vocab: int, budget_logits: int = 1 << 23) -> int:
+    return max(16, budget_logits // max(1, vocab))
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """loss = sum over chunks of row_fn(log q_T[ids], log q_1[target]); gradients computed per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, targets, row_fn, chunk_rows, temperature, needs_grad, n_parts):  # noqa: D401
+        N = hidden.shape[0]
+        w_mm = weight.to(hidden.dtype)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # logits in >= fp32 (bf16 matmul, fp32 softmax)
+        grad_h = torch.zeros_like(hidden) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        parts = torch.zeros(n_parts, dtype=acc, device=hidden.device)
+        T = float(temperature)
+        for a in range(0, N, chunk_rows):
+            sl = slice(a, min(N, a + chunk_rows))
+            h_c = hidden[sl]
+            z = (h_c @ w_mm.T).to(acc)  # [c, V], the only vocabulary-sized tensors live per chunk
+            lse1 = torch.logsumexp(z, -1, keepdim=True)
+            if T == 1.0:
+                zT, lseT = z, lse1
+            else:
+                zT = z / T
+                lseT = torch.logsumexp(zT, -1, keepdim=True)
+            ids_c = ids[sl]
+            tgt_c = targets[sl, None]
+            with torch.enable_grad():
+                s_kd = (zT.gather(1, ids_c) - lseT).detach().requires_grad_(needs_grad)
+                s_ce = (z.gather(1, tgt_c) - lse1).squeeze(1).detach().requires_grad_(needs_grad)
+                loss_c, parts_c = row_fn(s_kd, s_ce, sl)
+                if needs_grad and loss_c.requires_grad:
+                    g_kd, g_ce = torch.autograd.grad(loss_c, [s_kd, s_ce], allow_unused=True)
+                else:
+                    g_kd = g_ce = None
+            total += loss_c.detach().to(acc)
+            parts += parts_c.detach().to(acc)
+            if needs_grad:
+                # d loss / d logits for this chunk, built in place in as few [c, V] buffers as possible
+                dz = None
+                if g_kd is not None:
+                    # d s_i / d zT_v = [v == id_i] - softmax(zT)_v ; then d zT / d z = 1/T
+                    dz = torch.softmax(zT, -1) if T != 1.0 else (z - lse1).exp_()
+                    dz.mul_(-g_kd.sum(-1, keepdim=True))
+                    dz.scatter_add_(1, ids_c, g_kd)
+                    if T != 1.0:
+                        dz.div_(T)
+                if g_ce is not None:
+                    p1 = (z - lse1).exp_().mul_(-g_ce[:, None])
+                    p1.scatter_add_(1, tgt_c, g_ce[:, None])
+                    dz = p1 if dz is None else dz.add_(p1)
+                    del p1
+                if dz is None:
+                    dz = torch.zeros_like(z)
+                grad_h[sl] = (dz.to(hidden.dtype) @ w_mm).to(grad_h.dtype)
+                if h_c.dtype == acc:
+                    grad_w.addmm_(dz.T, h_c)
+                else:  # bf16 activations: bf16 matmul, fp32 accumulation across chunks
+                    grad_w.add_((dz.T.to(h_c.dtype) @ h_c).to(acc))
+            del z, zT
+        ctx.save_for_backward(grad_h if needs_grad else torch.empty(0), grad_w if needs_grad else torch.empty(0))
+        ctx.weight_dtype = weight.dtype
+        ctx.needs_grad = needs_grad
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_parts):
+        grad_h, grad_w = ctx.saved_tensors
+        if not ctx.needs_grad:
+            return (None,) * 9
+        g = grad_total.to(grad_w.dtype)
+        return (grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None, None, None, None, None)
+
+
+def fused_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    row_fn: RowFn,
+    n_parts: int,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked lm_head + row losses. hidden [N, H], weight [V, H], ids [N, K] (>= 0), targets [N].
+
+    ``row_fn(s_kd [c, K], s_ce [c], rows: slice) -> (loss scalar, parts [n_parts])`` gets the student's
+    full-vocabulary log-probs at temperature T at ``ids`` and at T = 1 at ``targets``. Returns the
+    summed loss (differentiable w.r.t. hidden and weight) and the summed parts (detached).
+    """
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _FusedHeadLoss.apply(hidden, weight, ids, targets, row_fn, int(chunk_rows), float(temperature), needs_grad, n_parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# The one interface
+
+
+PART_NAMES = ("loss", "kd", "ce")
+
+
+class DistillLoss:
+    """``loss, parts = DistillLoss(cfg, vocab_size)(hidden, weight, rows)``.
+
+    rows (a ``loader.Rows``-like object with tensors on the device): ``topk_ids`` [N, K] int64 (-1 pad),
+    ``topk_logprobs`` [N, K] float32 (-inf pad), ``target_weights`` [N, K] or None,
+    ``targets`` [N] int64 (the data token), ``row_weight`` [N] float32 (averaging weights, summing to
+    1 over the global batch). hidden [N, H] are the student's final hidden states that predict them.
+    Returns the weighted loss (scalar) and a dict of its parts (weighted sums, floats).
+    """
+
+    def __init__(self, cfg: LossConfig, vocab_size: int | None = None):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.ce_weight = 1.0 if cfg.kind == "sft" else float(cfg.ce_weight)
+
+    def row_fn(self, rows) -> RowFn:
+        cfg = self.cfg
+        valid_all = (rows.topk_ids >= 0) & torch.isfinite(rows.topk_logprobs)
+        tw = rows.target_weights
+        cw = self.ce_weight
+
+        def fn(s_kd: torch.Tensor, s_ce: torch.Tensor, sl: slice):
+            rw = rows.row_weight[sl]
+            if cfg.kind == "sft" or cw >= 1.0:
+                kd = torch.zeros_like(s_ce)
+            else:
+                kd = kd_row_losses(cfg, s_kd, rows.topk_logprobs[sl], valid_all[sl], None if tw is None else tw[sl], self.vocab_size)
+            ce = -s_ce
+            kd_sum = (rw * kd).sum()
+            ce_sum = (rw * ce).sum()
+            loss = (1.0 - cw) * kd_sum + cw * ce_sum if cw > 0 else kd_sum
+            return loss, torch.stack([loss.detach(), kd_sum.detach(), ce_sum.detach()])
+
+        return fn
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, rows) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = rows.topk_ids.clamp(min=0)
+        loss, parts = fused_head_loss(hidden, weight, ids, rows.targets, self.row_fn(rows), len(PART_NAMES), self.cfg.temperature, self.cfg.chunk_rows)
+        return loss, dict(zip(PART_NAMES, parts.tolist()))

@@ -1,0 +1,673 @@
+"""``kdship train``: a student learns from a teacher store; the teacher's weights are never loaded.
+
+The loop, nanoGPT style::
+
+    for step in range(start, max_steps):
+        batch  = next(loader)                       # packed samples + their stored top-k rows
+        hidden = student.decoder(batch.input_ids)   # [R, C, H]
+        loss   = DistillLoss(hidden[pred], lm_head.weight, batch.rows)   # chunked lm_head, see losses.py
+        loss.backward(); clip; optimizer.step(); scheduler.step()
+        log metrics; every eval_every: held-out KL(teacher || student); every ckpt_every: checkpoint
+
+Run directory::
+
+    RUN_DIR/config.yaml          the resolved config (defaults < --config YAML < flags)
+    RUN_DIR/metrics.jsonl        one record per step (loss parts, lr, tokens/s, memory) and per eval
+    RUN_DIR/loss.png             loss and held-out KL curves
+    RUN_DIR/checkpoints/step_N/  model.safetensors, state.pt (optimizer, tensors only), state.json
+    RUN_DIR/final/               the student: an HF directory with its tokenizer (transformers, vLLM)
+    RUN_DIR/tb/                  TensorBoard events, when --tensorboard and tensorboard is installed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+
+log = logging.getLogger("kdship.train")
+
+DEFAULTS: dict[str, Any] = {
+    "student": None,
+    "init_from_config": None,
+    "layers": None,
+    "hidden": None,
+    "loss": "fkl",
+    "tail": "bucket",
+    "temperature": 1.0,
+    "ce_weight": 0.0,
+    "beta": 0.5,
+    "alpha": 0.1,
+    "average": "token",
+    "max_steps": None,
+    "epochs": None,
+    "lr": 3e-4,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": None,
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "batch_tokens": 4096,
+    "seed": 0,
+    "heldout_fraction": 0.02,
+    "eval_samples": 64,
+    "eval_every": 100,
+    "ckpt_every": 200,
+    "keep_checkpoints": 2,
+    "resume": False,
+    "overwrite": False,
+    "stop_after": None,
+    "fsdp": False,
+    "workers": 2,
+    "shuffle_shards": 4,
+    "logit_chunk": None,
+    "tensorboard": False,
+    "log_every": 10,
+    "progress": True,
+}
+
+
+class TrainError(ValueError):
+    """Bad input to ``kdship train``; the message names the option, file or store."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Student and tokenizer
+
+
+def _tokenizer_sha256(tok) -> str:
+    from kdship.cache.render import tokenizer_sha256
+
+    return tokenizer_sha256(tok)
+
+
+def check_tokenizer(store_header: dict[str, Any], tok, student_name: str, store: str) -> None:
+    """Refuse a student whose token -> id map differs from the store's teacher (no remapping)."""
+    teacher = store_header.get("teacher") or {}
+    want = teacher.get("tokenizer_sha256")
+    got = _tokenizer_sha256(tok)
+    if want is None:
+        raise TrainError(f"{store}: the store header has no teacher.tokenizer_sha256; cannot check the student's tokenizer")
+    if want == got:
+        return
+    detail = ""
+    tpath = teacher.get("name_or_path")
+    try:
+        if tpath and Path(tpath).is_dir():
+            from transformers import AutoTokenizer
+
+            tv, sv = AutoTokenizer.from_pretrained(tpath).get_vocab(), tok.get_vocab()
+            diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])
+            detail = f" ({len(tv)} vs {len(sv)} tokens; {len(diff)} token->id pairs differ, e.g. {diff[:3]})"
+    except Exception:  # the message is already clear without the diff
+        pass
+    raise TrainError(
+        f"tokenizer mismatch: the student {student_name} (tokenizer sha256 {got[:16]}) does not share the tokenizer of "
+        f"the store's teacher {teacher.get('name_or_path')} (tokenizer sha256 {want[:16]}){detail}. "
+        "Token ids would mean different tokens; kdship does not remap ids. Use a student with the teacher's tokenizer."
+    )
+
+
+def _shrunk_config(cfg, layers: int | None, hidden: int | None):
+    """A smaller copy of an architecture: fewer layers and/or a narrower hidden size (head_dim kept)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    if layers is not None:
+        if layers < 1:
+            raise TrainError(f"--layers must be >= 1, got {layers}")
+        cfg.num_hidden_layers = int(layers)
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = list(cfg.layer_types)[:layers]
+    if hidden is not None:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if hidden % head_dim:
+            raise TrainError(f"--hidden {hidden} must be a multiple of the architecture's head_dim {head_dim}")
+        heads = hidden // head_dim
+        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        kv = max(d for d in range(1, min(kv, heads) + 1) if heads % d == 0)
+        ratio = hidden / cfg.hidden_size
+        if getattr(cfg, "intermediate_size", None):
+            cfg.intermediate_size = max(8, int(round(cfg.intermediate_size * ratio / 8)) * 8)
+        cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = hidden, heads, kv, head_dim
+    return cfg
+
+
+def load_student(student: str | None, init_from_config: str | None, layers: int | None, hidden: int | None, seed: int):
+    """(model, tokenizer, name). Either an HF directory to start from, or a config to initialise fresh."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if student and init_from_config:
+        raise TrainError(f"give either --student ({student}) or --init-from-config ({init_from_config}), not both")
+    if not student and not init_from_config:
+        raise TrainError("no student: give --student HF_DIR, or --init-from-config DIR [--layers N --hidden H]")
+    if student and (layers is not None or hidden is not None):
+        raise TrainError("--layers/--hidden apply to --init-from-config only (a --student directory is used as it is)")
+    src = student or init_from_config
+    if not Path(src).is_dir():
+        raise TrainError(f"{'--student' if student else '--init-from-config'} {src}: not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception as e:
+        raise TrainError(f"{src}: no loadable tokenizer ({e})") from e
+    if student:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+        except Exception as e:
+            raise TrainError(f"--student {student}: transformers cannot load it ({e})") from e
+        name = str(student)
+    else:
+        cfg = _shrunk_config(AutoConfig.from_pretrained(init_from_config), layers, hidden)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        name = f"a fresh model from {init_from_config} (layers={cfg.num_hidden_layers}, hidden={cfg.hidden_size})"
+    return model, tok, name
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed
+
+
+class _Dist:
+    def __init__(self, fsdp: bool):
+        import torch
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world > 1
+        self.fsdp = fsdp
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        if fsdp and not self.enabled:
+            log.warning("--fsdp with one process: nothing to shard; training unsharded")
+            self.fsdp = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _make_wrapper(model, loss_fn, autocast_dtype):
+    import torch
+
+    class StudentWithLoss(torch.nn.Module):
+        """forward(batch) -> (loss, parts): the decoder, then the fused chunked lm_head loss."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.loss_fn = loss_fn  # swapped for the held-out KL during evaluation
+
+        def forward(self, input_ids, position_ids, pred_index, rows):
+            decoder = getattr(self.model, self.model.base_model_prefix)
+            ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
+            with ctx:
+                hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            h = hidden.reshape(-1, hidden.shape[-1])[pred_index]
+            weight = self.model.get_output_embeddings().weight
+            return self.loss_fn(h, weight, rows)
+
+    return StudentWithLoss()
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _ckpt_dirs(out: Path) -> list[Path]:
+    d = out / "checkpoints"
+    if not d.is_dir():
+        return []
+    done = [p for p in d.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _full_state_dicts(wrapper, model, optimizer, dist_ctx):
+    """Model and optimizer state as full (unsharded) dicts on the CPU."""
+    if dist_ctx.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, optimizer.state_dict()
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, loader_state, extra: dict, dist_ctx, wrapper, keep: int) -> Path | None:
+    """Write step_N.partial/, then rename it to step_N/ (a crash leaves no half checkpoint)."""
+    import torch
+    from safetensors.torch import save_file
+
+    model_sd, optim_sd = _full_state_dicts(wrapper, model, optimizer, dist_ctx)
+    if not dist_ctx.main:
+        return None
+    final = out / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # tied weights share storage; store each tensor once under its own name (clone breaks sharing)
+    save_file({k: v.contiguous().clone() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optim_sd, "rng_cpu": torch.get_rng_state()}, tmp / "state.pt")
+    state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, **extra}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _ckpt_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, dist_ctx) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt / "model.safetensors"))
+    blob = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+    if dist_ctx.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, sd, options=opts)
+        set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
+    else:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        bad = [k for k in missing if not k.endswith("lm_head.weight")] + list(unexpected)
+        if bad:
+            raise TrainError(f"{ckpt}: checkpoint does not fit the student (missing/unexpected: {bad[:5]})")
+        optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng_cpu"])
+    state = json.loads((ckpt / "state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Metrics:
+    def __init__(self, out: Path, main: bool, tensorboard: bool, truncate_after: int | None):
+        self.path = out / "metrics.jsonl"
+        self.main = main
+        self.records: list[dict] = []
+        if main and truncate_after is not None and self.path.is_file():
+            # resuming: drop what was logged after the checkpoint (those steps are redone)
+            keep = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            keep = [r for r in keep if r.get("step", 0) <= truncate_after]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            self.records = keep
+        elif main:
+            self.path.write_text("")
+        self.tb = None
+        if main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except Exception as e:  # optional
+                log.warning("TensorBoard not available (%s); metrics.jsonl only", e)
+
+    def log(self, rec: dict) -> None:
+        if not self.main:
+            return
+        self.records.append(rec)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def plot(self, png: Path) -> None:
+        if not self.main:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tr = [r for r in self.records if "loss" in r]
+        ev = [r for r in self.records if "heldout_kl" in r]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=1)
+        ax[0].set(xlabel="step", ylabel="training loss", title="loss")
+        if ev:
+            ax[1].plot([r["step"] for r in ev], [r["heldout_kl"] for r in ev], marker="o")
+        ax[1].set(xlabel="step", ylabel="nat / position", title="held-out KL(teacher || student), top-k + rest")
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(train_module, wrapper, batches, device, vocab_size: int, chunk_rows=None) -> dict[str, float]:
+    """Held-out KL(teacher || student) over the stored top-k plus one "rest" category, and CE (nat/row).
+
+    With k = vocab this is the exact KL; otherwise a lower bound of it (the tail is lumped). Runs the
+    (possibly DDP/FSDP-wrapped) training module with its loss swapped, so sharded students work too.
+    """
+    import torch
+
+    from kdship.train.losses import DistillLoss, LossConfig
+
+    kl = DistillLoss(LossConfig(kind="fkl", tail="bucket", chunk_rows=chunk_rows), vocab_size)
+    saved, wrapper.loss_fn = wrapper.loss_fn, kl
+    was = wrapper.training
+    wrapper.eval()
+    tot = {"heldout_kl": 0.0, "heldout_ce": 0.0}
+    try:
+        with torch.no_grad():
+            for b in batches:
+                _, parts = train_module(b.input_ids.to(device), b.position_ids.to(device), b.pred_index.to(device), b.rows.to(device))
+                tot["heldout_kl"] += parts["kd"]
+                tot["heldout_ce"] += parts["ce"]
+    finally:
+        wrapper.loss_fn = saved
+        wrapper.train(was)
+    return tot
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+def train(store: str, student: str | None = None, out: str = "runs/student", config: str | None = None, **options: Any) -> dict[str, Any]:
+    """Train ``student`` (or a fresh model) on ``store``; write the run to ``out``. Returns a summary.
+
+    ``options``: any key of ``DEFAULTS`` (they override ``config``, a YAML file).
+    """
+    import torch
+
+    from kdship.config import resolve, save_yaml
+    from kdship.store import StoreReader
+    from kdship.train.loader import StoreLoader
+    from kdship.train.losses import DistillLoss, LossConfig
+
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TrainError(f"unknown train option(s): {', '.join(unknown)}")
+    cfg = resolve(DEFAULTS, config, {**options, "student": student})
+    out_dir = Path(out)
+    dist_ctx = _Dist(bool(cfg["fsdp"]))
+    device = dist_ctx.device
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    if cfg["max_steps"] is not None and cfg["epochs"] is not None:
+        raise TrainError("give --max-steps or --epochs, not both")
+    if cfg["max_steps"] is None and cfg["epochs"] is None:
+        cfg["epochs"] = 1
+    if cfg["stop_after"] is not None and int(cfg["stop_after"]) < 1:
+        raise TrainError(f"--stop-after must be >= 1, got {cfg['stop_after']}")
+
+    reader = StoreReader(store, verify=False)
+    header = reader.header
+    sampled = header.get("targets") == "sampled"
+    if cfg["loss"] != "sft" and header.get("mode") == "generate" and cfg["ce_weight"] == 0:
+        log.info("generate store: KD on the teacher's own samples (use --loss sft for plain sequence-level KD)")
+    if sampled and cfg["temperature"] != 1.0:
+        raise TrainError("--temperature: a sampled-targets store was drawn at temperature 1; use --temperature 1")
+
+    model, tok, student_name = load_student(cfg["student"], cfg["init_from_config"], cfg["layers"], cfg["hidden"], int(cfg["seed"]))
+    check_tokenizer(header, tok, student_name, store)
+    vocab_tok = len(tok)
+    emb_rows = model.get_output_embeddings().weight.shape[0]
+    if emb_rows < vocab_tok:
+        raise TrainError(f"the student's output embedding has {emb_rows} rows but its tokenizer {vocab_tok} tokens")
+    head = model.get_output_embeddings()
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
+        raise TrainError(f"{student_name}: its lm_head has a bias or final-logit soft-capping, which the fused chunked loss does not implement")
+    model.to(device)
+    model.config.use_cache = False
+
+    loss_cfg = LossConfig(
+        kind=cfg["loss"], tail=cfg["tail"], temperature=float(cfg["temperature"]), ce_weight=float(cfg["ce_weight"]),
+        beta=float(cfg["beta"]), alpha=float(cfg["alpha"]), chunk_rows=cfg["logit_chunk"],
+    )
+    loss_fn = DistillLoss(loss_cfg, vocab_size=vocab_tok)
+    wrapper = _make_wrapper(model, loss_fn, autocast_dtype)
+    if dist_ctx.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        layers = getattr(getattr(model, model.base_model_prefix), "layers", [])
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(wrapper)
+        train_module = wrapper
+    elif dist_ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_module = DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_module = wrapper
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=float(cfg["lr"]), betas=(0.9, 0.95), foreach=True,
+    )
+
+    def make_loader(state=None, max_epochs=None):
+        return StoreLoader(
+            store, int(cfg["batch_tokens"]), seed=int(cfg["seed"]), heldout_fraction=float(cfg["heldout_fraction"]),
+            eval_samples=int(cfg["eval_samples"]), shuffle_shards=int(cfg["shuffle_shards"]), workers=int(cfg["workers"]),
+            average=cfg["average"], rank=dist_ctx.rank, world_size=dist_ctx.world, max_epochs=max_epochs, state=state,
+        )
+
+    if cfg["max_steps"] is not None:
+        total_steps = int(cfg["max_steps"])
+    else:
+        total_steps = make_loader(max_epochs=int(cfg["epochs"])).count_batches()
+    if total_steps < 1:
+        raise TrainError(f"{store}: nothing to train on (0 steps; is every sample held out or without loss_mask?)")
+    warmup = int(cfg["warmup_steps"]) if cfg["warmup_steps"] is not None else min(100, max(1, total_steps // 20))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps, float(cfg["min_lr_ratio"])))
+
+    start_step, tokens_seen, loader_state = 0, 0, None
+    resumed_from = None
+    if cfg["resume"]:
+        ckpts = _ckpt_dirs(out_dir)
+        if ckpts:
+            saved_cfg = json.loads((ckpts[-1] / "state.json").read_text()).get("config", {})
+            changed = [k for k in ("loss", "tail", "batch_tokens", "seed", "lr", "temperature", "ce_weight") if k in saved_cfg and saved_cfg[k] != cfg[k]]
+            if changed:
+                raise TrainError(f"--resume {out_dir}: the run was started with different {', '.join(changed)}; resume with the same settings")
+            st = load_checkpoint(ckpts[-1], model, optimizer, scheduler, dist_ctx)
+            start_step, tokens_seen, loader_state = st["step"], st["tokens_seen"], st["loader"]
+            resumed_from = str(ckpts[-1])
+            if dist_ctx.main:
+                log.info("resuming from %s (step %d)", ckpts[-1], start_step)
+        elif dist_ctx.main:
+            log.info("--resume: no checkpoint in %s; starting fresh", out_dir)
+    elif _ckpt_dirs(out_dir) or (out_dir / "final").exists():
+        if not cfg["overwrite"]:
+            raise TrainError(f"{out_dir} holds an earlier run (checkpoints or final/); pass --resume to continue it, --overwrite to replace it, or another --out")
+        dist_ctx.barrier()
+        if dist_ctx.main:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out_dir / "final", ignore_errors=True)
+        dist_ctx.barrier()
+
+    if dist_ctx.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml({**cfg, "store": str(store), "out": str(out_dir), "world_size": dist_ctx.world, "device": str(device)}, out_dir / "config.yaml")
+    dist_ctx.barrier()
+    metrics = Metrics(out_dir, dist_ctx.main, bool(cfg["tensorboard"]), start_step if resumed_from else None)
+    loader = make_loader(state=loader_state, max_epochs=int(cfg["epochs"]) if cfg["epochs"] is not None else None)
+    eval_batches = loader.eval_batches()
+    if not eval_batches and dist_ctx.main:
+        log.warning("%s: no held-out samples (heldout_fraction=%s); held-out KL is not measured", store, cfg["heldout_fraction"])
+
+    def run_eval(step: int) -> dict | None:
+        if not eval_batches:
+            return None
+        ev = evaluate(train_module, wrapper, eval_batches, device, vocab_tok, cfg["logit_chunk"])
+        rec = {"step": step, **ev}
+        metrics.log(rec)
+        return rec
+
+    first_eval = run_eval(start_step) if start_step == 0 else None
+    stop_at = total_steps if cfg["stop_after"] is None else min(total_steps, start_step + int(cfg["stop_after"]))
+    bar = None
+    if dist_ctx.main and cfg["progress"]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc="kdship train", unit="step", mininterval=1.0, dynamic_ncols=True)
+    step = start_step
+    t0 = time.perf_counter()
+    window_tokens, window_t = 0, time.perf_counter()
+    last_rec: dict = {}
+    last_state = loader_state
+    model.train()
+    it = iter(loader)
+    try:
+        while step < stop_at:
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            out_ = train_module(batch.input_ids.to(device), batch.position_ids.to(device), batch.pred_index.to(device), batch.rows.to(device))
+            loss, parts = out_
+            # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
+            (loss * dist_ctx.world).backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"])) if cfg["grad_clip"] else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += batch.global_tokens
+            window_tokens += batch.global_tokens
+            last_state = batch.state
+            loss_g, kd_g, ce_g = dist_ctx.all_sum([parts["loss"], parts["kd"], parts["ce"]])
+            now = time.perf_counter()
+            rec = {
+                "step": step, "epoch": batch.epoch, "loss": loss_g, "kd": kd_g, "ce": ce_g, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": tokens_seen,
+                "tokens_per_s": window_tokens / max(1e-9, now - window_t), "peak_mem_mb": _peak_memory_mb(device),
+                "elapsed_s": now - t0,
+            }
+            if step % int(cfg["log_every"]) == 0:
+                window_tokens, window_t = 0, now
+            metrics.log(rec)
+            last_rec = rec
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_g:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if int(cfg["eval_every"]) > 0 and step % int(cfg["eval_every"]) == 0 and step < total_steps:
+                run_eval(step)
+            if int(cfg["ckpt_every"]) > 0 and step % int(cfg["ckpt_every"]) == 0 and step < total_steps:
+                save_checkpoint(out_dir, step, model, optimizer, scheduler, last_state, {"tokens_seen": tokens_seen, "config": cfg}, dist_ctx, wrapper, int(cfg["keep_checkpoints"]))
+    finally:
+        if bar is not None:
+            bar.close()
+        loader.close()
+    elapsed = time.perf_counter() - t0
+    finished = step >= total_steps or cfg["stop_after"] is None
+    final_eval = run_eval(step) if step > start_step or first_eval is None else first_eval
+    summary: dict[str, Any] = {
+        "out": str(out_dir), "steps": step, "total_steps": total_steps, "tokens": tokens_seen, "seconds": elapsed,
+        "tokens_per_s": (tokens_seen - 0) / elapsed if elapsed > 0 and not resumed_from else None,
+        "loss_last": last_rec.get("loss"), "resumed_from": resumed_from, "world_size": dist_ctx.world,
+        "heldout_kl_first": first_eval["heldout_kl"] if first_eval else None,
+        "heldout_kl_last": final_eval["heldout_kl"] if final_eval else None,
+        "skipped_samples_without_targets": loader.skipped_empty,
+    }
+    if not finished:  # --stop-after: a checkpoint to resume from, no final model yet
+        save_checkpoint(out_dir, step, model, optimizer, scheduler, last_state, {"tokens_seen": tokens_seen, "config": cfg}, dist_ctx, wrapper, int(cfg["keep_checkpoints"]))
+        summary["final"] = None
+    else:
+        summary["final"] = _save_final(out_dir, model, tok, dist_ctx, wrapper, optimizer, summary, store)
+    if dist_ctx.main:
+        metrics.plot(out_dir / "loss.png")
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    metrics.close()
+    dist_ctx.barrier()
+    dist_ctx.close()
+    return summary
+
+
+def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary, store) -> str | None:
+    import torch
+
+    model_sd, _ = _full_state_dicts(wrapper, model, optimizer, dist_ctx) if dist_ctx.fsdp else ({k: v.detach().cpu() for k, v in model.state_dict().items()}, None)
+    if not dist_ctx.main:
+        return None
+    final = out_dir / "final"
+    tmp = out_dir / "final.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "kdship_train.json").write_text(json.dumps({"store": str(store), **{k: v for k, v in summary.items() if k != "final"}}, indent=1, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return str(final)

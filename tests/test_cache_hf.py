@@ -1,0 +1,223 @@
+"""`kdship cache` with the transformers backend (the reference): targets, refusals, inspect, config."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from kdship.cache.inspect import inspect_store
+from kdship.cache.run import CacheError, cache
+from kdship.cli import app
+from kdship.store import LOGPROB_MANTISSA_BITS, StoreReader
+
+runner = CliRunner()
+ENC_RTOL = 2.0 ** -(LOGPROB_MANTISSA_BITS + 1)  # BitRound's relative error bound
+
+
+def _forward_logprobs(teacher, tokens):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(m(torch.as_tensor([tokens])).logits[0].float(), -1).numpy()
+
+
+@pytest.fixture(scope="module")
+def hf_be(tiny_teacher):
+    """One transformers teacher for the generate tests (cache() accepts a ready backend)."""
+    from transformers import AutoTokenizer
+
+    from kdship.cache.hf_backend import HFBackend
+
+    return HFBackend(str(tiny_teacher), eos_token_ids=[AutoTokenizer.from_pretrained(str(tiny_teacher)).eos_token_id])
+
+
+@pytest.fixture(scope="module")
+def hf_store(tmp_path_factory, tiny_teacher, corpus_dir):
+    out = tmp_path_factory.mktemp("hf") / "store"
+    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=16, shard_size=4, progress=False)
+    return out, summary
+
+
+def test_hf_store_matches_transformers_forward(hf_store, tiny_teacher):
+    out, summary = hf_store
+    assert summary["complete"] and summary["shards_written"] == 4 and summary["samples"] == 15
+    r = StoreReader(str(out))
+    s = next(r.iter_samples())
+    lp = _forward_logprobs(tiny_teacher, s["tokens"].tolist())
+    assert (s["topk_ids"][0] == -1).all() and np.isneginf(s["topk_logprobs"][0]).all()
+    for j in range(1, len(s["tokens"])):
+        want_ids = np.argsort(-lp[j - 1])[:16]
+        np.testing.assert_array_equal(np.sort(s["topk_ids"][j]), np.sort(want_ids))
+        got = s["topk_logprobs"][j]
+        assert (np.diff(got) <= 0).all()  # sorted descending
+        # lossy storage: BitRound keeps LOGPROB_MANTISSA_BITS mantissa bits -> relative error <= ENC_RTOL
+        np.testing.assert_allclose(got, lp[j - 1][s["topk_ids"][j]], rtol=ENC_RTOL, atol=1e-6)
+
+
+def test_inspect_json_and_text(hf_store):
+    out, _ = hf_store
+    info = inspect_store(str(out))
+    assert info["samples"] == 15 and info["top_k"] == 16 and info["complete"] is True
+    assert info["positions"] > info["targeted_positions"] > 0
+    assert 0.0 < info["mean_topk_mass"] <= 1.0
+    assert info["bytes_per_position"] > 0
+    assert len(info["teacher"]["weights_sha256"]) == 64 and info["teacher"]["chat_template_sha256"]
+    res = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["samples"] == 15
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert "complete=True" in res.output and "top-k mass" in res.output
+
+
+def test_refusals(tmp_path, tiny_teacher, corpus_dir, hf_store):
+    data = str(corpus_dir / "pairs.jsonl")
+    with pytest.raises(CacheError, match="no such directory"):
+        cache(str(tmp_path / "missing-teacher"), data, str(tmp_path / "a"), backend="hf", progress=False)
+    with pytest.raises(CacheError, match=r"larger than the teacher's vocabulary \(\d+ tokens\)"):
+        cache(str(tiny_teacher), data, str(tmp_path / "a"), backend="hf", top_k=100000, progress=False)
+    # an existing store with other settings is refused, naming the setting
+    out, _ = hf_store
+    with pytest.raises(CacheError, match="top_k: store has 16, asked 8"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=8, shard_size=4, progress=False)
+    with pytest.raises(CacheError, match="data"):
+        cache(str(tiny_teacher), data, str(out), backend="hf", top_k=16, shard_size=4, progress=False)
+    # score mode needs something to score
+    with pytest.raises(CacheError, match=r"prompts\.jsonl:1: score mode needs"):
+        cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "b"), backend="hf", progress=False)
+    res = runner.invoke(app, ["cache", str(tiny_teacher), data, "--out", str(tmp_path / "c"), "--backend", "hf", "--overflow", "wrap"])
+    assert res.exit_code == 2 and "--overflow 'wrap'" in res.output
+
+
+def test_overflow_and_skip_bad(tmp_path, tiny_teacher, corpus_dir):
+    data = tmp_path / "d.jsonl"
+    long_text = " ".join(["the quick red dog runs over the hill"] * 20)
+    data.write_bytes(b'{"text": "a small cat sees the river"}\n{"text": "' + long_text.encode() + b'"}\n{"text": ""}\nnot json\n{"text": "one two three"}\n')
+    t = str(tiny_teacher)
+    with pytest.raises(CacheError, match=r"d\.jsonl:3: field 'text' is empty"):
+        cache(t, str(data), str(tmp_path / "s0"), backend="hf", max_length=32, progress=False)
+    with pytest.raises(CacheError, match=r"d\.jsonl:2: \d+ tokens exceed --max-length \(32\)"):
+        cache(t, str(data), str(tmp_path / "s0"), backend="hf", max_length=32, skip_bad=True, progress=False)
+    s = cache(t, str(data), str(tmp_path / "s1"), backend="hf", max_length=32, skip_bad=True, overflow="skip", shard_size=2, progress=False)
+    assert s["samples"] == 2 and s["rejects_in_store"] == 3
+    rej = [json.loads(x) for x in (tmp_path / "s1" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rej] == [1, 2, 3]
+    assert rej[0]["reason"].startswith("overflow") and "empty" in rej[1]["reason"] and "malformed JSON" in rej[2]["reason"]
+    assert inspect_store(str(tmp_path / "s1"))["rejects"] == 3
+    s = cache(t, str(data), str(tmp_path / "s2"), backend="hf", max_length=32, skip_bad=True, overflow="truncate", progress=False)
+    r = StoreReader(str(tmp_path / "s2"))
+    lengths = [len(x["tokens"]) for x in r.iter_samples()]
+    assert s["samples"] == 3 and max(lengths) == 32
+
+
+def test_sampled_targets_exact_with_hf(tmp_path, tiny_teacher, corpus_dir):
+    out = tmp_path / "sampled"
+    s = cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), backend="hf", targets="sampled", top_k=12, seed=3, progress=False)
+    r = StoreReader(str(out))
+    assert r.targets == "sampled" and r.header["target_sampling"]["exact"] is True
+    shard = r.read_shard(r.shard_paths[0])
+    w = shard.target_weights
+    has = shard.topk_ids[:, 0] >= 0
+    np.testing.assert_allclose(w[has].sum(1), 1.0, atol=1e-6)
+    assert np.all((w * 12) == np.round(w * 12))  # counts / N
+    assert np.all((shard.topk_ids >= 0) == (w > 0))
+    # the stored logprob is the teacher's own for that id
+    smp = shard.sample(0)
+    lp = _forward_logprobs(tiny_teacher, smp["tokens"].tolist())
+    j = 3
+    v = smp["topk_ids"][j] >= 0
+    np.testing.assert_allclose(smp["topk_logprobs"][j][v], lp[j - 1][smp["topk_ids"][j][v]], rtol=ENC_RTOL)
+    # raw zarr sees the extra array; topk stores do not have it
+    z = zarr.open_group(str(out), mode="r")
+    assert z[f"{r.shard_paths[0]}/target_weights"].dtype == np.float32
+    # a rerun with the same seed is identical
+    cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(tmp_path / "again"), backend="hf", targets="sampled", top_k=12, seed=3, progress=False)
+    r2 = StoreReader(str(tmp_path / "again"))
+    np.testing.assert_array_equal(r2.read_shard(r2.shard_paths[0]).topk_ids, shard.topk_ids)
+    assert s["targeted_positions"] > 0
+
+
+def test_topk_store_has_no_weights_and_file_url_and_config(tmp_path, tiny_teacher, corpus_dir):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("backend: hf\ntop_k: 8\nshard_size: 7\nmax_length: 64\n")
+    url = "file://" + str(tmp_path / "viaurl")
+    res = runner.invoke(app, ["cache", str(tiny_teacher), str(corpus_dir / "text.jsonl"), "--out", url, "--config", str(cfg), "--top-k", "4", "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{") :])
+    assert summary["top_k"] == 4 and summary["shards_total"] == 3  # flag beat the file; file beat defaults
+    r = StoreReader(url)
+    assert r.targets == "topk" and r.header["shard_size"] == 7
+    assert r.read_shard(r.shard_paths[0]).target_weights is None
+    # text rows: every position is targeted except row 0
+    info = inspect_store(url)
+    assert info["targeted_positions"] == info["positions"] - info["samples"]
+    # resuming a complete store does no work
+    res = runner.invoke(app, ["cache", str(tiny_teacher), str(corpus_dir / "text.jsonl"), "--out", url, "--config", str(cfg), "--top-k", "4", "--json", "--no-progress"])
+    assert json.loads(res.output[res.output.index("{") :])["shards_written"] == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("topk: 3\n")
+    res = runner.invoke(app, ["cache", str(tiny_teacher), str(corpus_dir / "text.jsonl"), "--out", str(tmp_path / "z"), "--config", str(bad)])
+    assert res.exit_code == 2 and "unknown option(s) topk" in res.output
+
+
+def test_generate_hf_reproducible_and_masked(tmp_path, tiny_teacher, corpus_dir, hf_be):
+    kw = dict(backend="hf", mode="generate", samples=2, max_new_tokens=6, top_k=8, seed=5, temperature=1.0, progress=False, teacher_backend=hf_be)
+    cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "g1"), shard_size=4, **kw)
+    cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "g2"), shard_size=4, **kw)
+    a = list(StoreReader(str(tmp_path / "g1")).iter_samples())
+    b = list(StoreReader(str(tmp_path / "g2")).iter_samples())
+    assert len(a) == 20 and [x["sample_index"] for x in a[:4]] == [0, 0, 1, 1]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    # per-(row, sample) seeds: the two samples of a row are not copies of each other
+    assert any(not np.array_equal(a[2 * i]["tokens"], a[2 * i + 1]["tokens"]) for i in range(10))
+    s = a[0]
+    gen = s["loss_mask"]
+    assert gen.sum() >= 1 and not gen[0]
+    assert (s["topk_ids"][~gen] == -1).all() and (s["topk_ids"][gen][:, 0] >= 0).all()
+    # generated positions hold the raw (temperature-1) teacher distribution of the teacher-forced sequence
+    lp = _forward_logprobs(tiny_teacher, s["tokens"].tolist())
+    j = int(np.flatnonzero(gen)[0])
+    np.testing.assert_allclose(s["topk_logprobs"][j], np.sort(lp[j - 1])[::-1][:8], rtol=ENC_RTOL, atol=1e-5)
+
+
+def test_generate_filters_send_rejects_with_reasons(tmp_path, tiny_teacher, corpus_dir, hf_be):
+    """The eval engineer's filter_generations is called on the generate path; rejects keep reasons."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
+    base = dict(backend="hf", mode="generate", samples=3, max_new_tokens=4, top_k=4, seed=0, shard_size=6, progress=False, teacher_backend=hf_be)
+    # a random teacher never states the answer: every generation is rejected, none silently
+    s = cache(str(tiny_teacher), str(data), str(tmp_path / "am"), filter="answer-match", **base)
+    assert s["samples"] == 0 and s["rejects_in_store"] == 12
+    assert set(s["rejects_by_reason"]) <= {"answer_mismatch", "no_answer"}
+    rej = [json.loads(x) for x in (tmp_path / "am" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted((r["row"], r["sample"]) for r in rej) == [(i, j) for i in range(4) for j in range(3)]
+    # length bounds: nothing is shorter than 1 token, everything is shorter than 100
+    s = cache(str(tiny_teacher), str(data), str(tmp_path / "len"), min_new_tokens=100, **base)
+    assert s["samples"] == 0 and s["rejects_by_reason"] == {"too_short": 12}
+    s = cache(str(tiny_teacher), str(data), str(tmp_path / "ok"), min_new_tokens=1, dedupe=True, **base)
+    assert s["samples"] + s["rejects_by_reason"].get("duplicate", 0) == 12
+    # a filter that needs a reference answer refuses rows without one, naming the row
+    with pytest.raises(CacheError, match=r"prompts\.jsonl:1: .*reference answer"):
+        cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "noref"), filter="answer-match", **base)
+
+
+def test_format_md_example_reads_a_store_without_kdship(hf_store, tmp_path):
+    """The reading example in cache/FORMAT.md runs as written, with zarr and numpy only."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    md = (Path(__file__).resolve().parents[1] / "cache" / "FORMAT.md").read_text()
+    code = re.search(r"## Reading a store without kdship\s+```python\n(.*?)```", md, re.S).group(1)
+    assert "kdship" not in "".join(line for line in code.splitlines() if "import" in line)
+    out, _ = hf_store
+    code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(len(hdr['complete_shards']), probs.shape)\n"
+    # -I: isolated mode, so the repository (and kdship) is not importable from the cwd
+    res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] == "4" and "16)" in res.stdout
