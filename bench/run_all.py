@@ -33,6 +33,9 @@ def machine() -> str:
 
 def merge() -> Path:
     sections = sorted((BENCH / "results").glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    # an area that already combines its scripts' parts in <area>.md is not repeated from <area>_*.md
+    combined = {p.stem for p in sections}
+    sections = [p for p in sections if p.stem.split("_", 1)[0] == p.stem or p.stem.split("_", 1)[0] not in combined]
     parts = [
         "# kdship benchmark results\n",
         "Produced by `make bench` (`bench/run_all.py`), which runs each `bench/<area>_*.py` script; each script "
