@@ -379,6 +379,17 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _style_concurrency_axes(axes, titles, units) -> None:
+    """Shared look of every profile plot: concurrency on a log2 x axis, one title and unit each."""
+    for ax, title, unit in zip(axes, titles, units):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+
+
 def write_plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -398,13 +409,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         axes[1].plot(cs, series("ttft_s", "p99"), "s--", label=f"{name} p99")
         axes[2].plot(cs, series("itl_s", "p50"), "o-", label=f"{name} p50")
         axes[2].plot(cs, series("itl_s", "p99"), "s--", label=f"{name} p99")
-    for ax, title in zip(axes, ("end-to-end latency", "time to first token", "inter-token latency")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel("ms")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    _style_concurrency_axes(axes, ("end-to-end latency", "time to first token", "inter-token latency"), ("ms",) * 3)
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=110)
     plt.close(fig)
@@ -414,13 +419,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         cs = [lv["concurrency"] for lv in t["levels"]]
         axes[0].plot(cs, [lv["output_tokens_per_s"] or np.nan for lv in t["levels"]], "o-", label=name)
         axes[1].plot(cs, [lv["requests_per_s"] or np.nan for lv in t["levels"]], "o-", label=name)
-    for ax, title, unit in zip(axes, ("output throughput", "request throughput"), ("tokens/s", "requests/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    _style_concurrency_axes(axes, ("output throughput", "request throughput"), ("tokens/s", "requests/s"))
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=110)
     plt.close(fig)
