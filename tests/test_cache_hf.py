@@ -221,3 +221,37 @@ def test_format_md_example_reads_a_store_without_kdship(hf_store, tmp_path):
     res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[0] == "4" and "16)" in res.stdout
+
+
+def test_plan_shards_by_positions():
+    from kdship.cache.run import plan_shards
+
+    # rows 2 and 5 were rejected (absent): they weigh nothing but stay inside a shard's row range
+    positions = {0: 30, 1: 40, 3: 10, 4: 80, 6: 5, 7: 5}
+    assert plan_shards(8, positions, 50) == [0, 2, 5]
+    assert plan_shards(8, positions, 10**6) == [0]
+    assert plan_shards(0, {}, 50) == [0]
+    assert plan_shards(3, {0: 1, 1: 1, 2: 1}, 1) == [0, 1, 2]
+
+
+def test_shards_planned_by_positions(tmp_path, tiny_teacher, corpus_dir):
+    out = tmp_path / "by_positions"
+    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=8, shard_positions=120, progress=False)
+    r = StoreReader(str(out))
+    assert r.header["shard_positions"] == 120 and r.header["shard_size"] is None
+    assert summary["complete"] and summary["shards_total"] == len(r.shard_paths) > 1
+    rows = [r.shard_attrs(p)["rows"] for p in r.shard_paths]
+    assert rows[0][0] == 0 and rows[-1][1] == r.header["data"]["num_records"]
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))  # consecutive, no row twice or lost
+    for p in r.shard_paths[:-1]:  # every shard but the last reaches the target, and only with its last row
+        sh = r.read_shard(p)
+        last = int(sh.offsets[-1] - sh.offsets[-2])
+        assert sh.num_positions >= 120 > sh.num_positions - last
+    # the same store, sharded by samples, holds the same samples
+    ref = tmp_path / "by_samples"
+    cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(ref), backend="hf", top_k=8, shard_size=4, progress=False)
+    got = [s["tokens"].tolist() for s in r.iter_samples()]
+    assert got == [s["tokens"].tolist() for s in StoreReader(str(ref)).iter_samples()]
+    # resuming with the other layout is refused, naming the setting
+    with pytest.raises(CacheError, match="shard_positions"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=8, shard_positions=240, progress=False)

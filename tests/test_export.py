@@ -118,6 +118,13 @@ def test_int8_runs_and_is_smaller(exported):
     assert report["int8"]["int8_bytes"] < report["int8"]["fp32_bytes"]
 
 
+def test_no_spin_session_sleeps_idle_threads_and_decodes_the_same(exported):
+    out, _ = exported
+    quiet = OnnxCausalLM(out / "onnx", num_threads=2, spin=False)
+    assert quiet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert quiet.generate([[5, 6, 7], [8]], 8, stop_token_ids=[]) == OnnxCausalLM(out / "onnx").generate([[5, 6, 7], [8]], 8, stop_token_ids=[])
+
+
 def test_sampling_is_seeded_and_eos_stops(exported):
     out, _ = exported
     lm = OnnxCausalLM(out / "onnx")

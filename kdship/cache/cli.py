@@ -29,7 +29,8 @@ def cache_command(
     seed: Optional[int] = typer.Option(None, help="Seed; each (row, sample) gets its own derived seed (default 0)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens per sample (default 2048, capped at the teacher's context)."),
     overflow: Optional[str] = typer.Option(None, help="Rows over --max-length: error (default) | truncate | skip (to rejects)."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard (default 256)."),
+    shard_positions: Optional[int] = typer.Option(None, "--shard-positions", help="Close a shard once its rows reach this many positions (default 65536)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard instead of --shard-positions (small shards commit often but read slowly)."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an existing store after its last committed shard (default)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Delete an existing store first."),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="Write bad rows to STORE/rejects.jsonl instead of stopping."),
@@ -54,7 +55,7 @@ def cache_command(
     flags = dict(
         mode=mode, top_k=top_k, targets=targets, sampled_candidates=sampled_candidates, backend=backend, teacher_url=teacher_url, api_key=api_key,
         samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_length=max_length,
-        overflow=overflow, shard_size=shard_size, resume=resume, overwrite=overwrite, skip_bad=skip_bad, num_shards=num_shards,
+        overflow=overflow, shard_size=shard_size, shard_positions=shard_positions, resume=resume, overwrite=overwrite, skip_bad=skip_bad, num_shards=num_shards,
         shard_index=shard_index, tensor_parallel_size=tensor_parallel_size, filter=filter, min_new_tokens=min_new_tokens,
         max_response_tokens=max_response_tokens, dedupe=dedupe, require_finished=require_finished, split=split,
     )

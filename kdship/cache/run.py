@@ -1,9 +1,13 @@
 """``kdship cache``: run the teacher once over a dataset and write its targets into a store.
 
-The work is split into shards by *input row* (``rows_per_shard = max(1, shard_size // samples)``;
-shard s holds rows [s*rps, (s+1)*rps)), so the layout depends only on the data and the settings:
-a killed run, a resumed run, and N processes (``--num-shards N --shard-index I``: process I does
-the shards s with s % N == I) all produce the same shards. Each shard is written completely, then
+The work is split into shards of consecutive *input rows*, planned before the teacher runs from the
+rendered token counts: by default a shard closes once its rows reach ``--shard-positions`` (65,536)
+positions (generate: prompt + max-new-tokens, times samples, an upper bound); with ``--shard-size N``
+every shard holds N samples' rows instead. Either way the layout depends only on the data and the
+settings: a killed run, a resumed run, and N processes (``--num-shards N --shard-index I``: process
+I does the shards s with s % N == I) all produce the same shards. Shards are big because a reader
+pays zarr's fixed cost (~12 ms of CPU per shard) once per shard: at ~4k positions per shard that
+cost dominates decoding; at 64k it is small (bench/train_throughput.py). Each shard is written completely, then
 committed atomically (``kdship.store``); a resumed run skips committed shards and redoes the rest.
 Generation is reproducible per (row, sample): its seed is derived from (--seed, row index), so a
 redone shard is bit-identical.
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,8 @@ DEFAULTS: dict[str, Any] = dict(
     seed=0,
     max_length=2048,
     overflow="error",
-    shard_size=256,
+    shard_size=None,
+    shard_positions=65536,
     resume=True,
     overwrite=False,
     skip_bad=False,
@@ -149,7 +153,8 @@ def cache(
     seed: int = 0,
     max_length: int = 2048,
     overflow: str = "error",
-    shard_size: int = 256,
+    shard_size: int | None = None,
+    shard_positions: int = 65536,
     resume: bool = True,
     overwrite: bool = False,
     skip_bad: bool = False,
@@ -191,8 +196,10 @@ def cache(
         raise CacheError("--samples applies to --mode generate only")
     if not (num_shards >= 1 and 0 <= shard_index < num_shards):
         raise CacheError(f"--shard-index {shard_index} / --num-shards {num_shards}: need 0 <= index < num-shards")
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise CacheError(f"--shard-size {shard_size}: must be >= 1")
+    if shard_size is None and shard_positions < 1:
+        raise CacheError(f"--shard-positions {shard_positions}: must be >= 1")
     if filter not in (None, "answer-match"):
         raise CacheError(f"--filter {filter!r}: known filters: answer-match")
     if (filter or min_new_tokens or max_response_tokens or dedupe or require_finished) and mode != "generate":
@@ -262,8 +269,16 @@ def cache(
     n_records = max([r.index for r in rows] + [r["row"] for r in rejects] + [-1]) + 1
 
     # ---- store header ----------------------------------------------------------------------------
-    rows_per_shard = max(1, shard_size // samples)
-    n_total_shards = max(1, math.ceil(n_records / rows_per_shard))
+    if shard_size is not None:
+        rows_per_shard = max(1, shard_size // samples)
+        shard_starts = list(range(0, max(1, n_records), rows_per_shard))
+    else:
+        def est_positions(item) -> int:
+            return len(item["tokens"]) if mode == "score" else (len(item["tokens"]) + max_new_tokens) * samples
+
+        shard_starts = plan_shards(n_records, {i: est_positions(it) for i, it in items.items()}, shard_positions)
+    n_total_shards = len(shard_starts)
+    shard_bounds = list(zip(shard_starts, shard_starts[1:] + [max(n_records, shard_starts[-1])]))
     k_store = top_k
     if backend == "openai":
         k_store = None  # decided by the backend's cap, below
@@ -287,13 +302,13 @@ def cache(
         "overflow": overflow,
         "data": dict(data_fingerprint(data), num_records=n_records, skip_bad=skip_bad, split=split),
         "shard_size": shard_size,
+        "shard_positions": shard_positions if shard_size is None else None,
         "filters": (
             {"filter": filter, "min_new_tokens": min_new_tokens, "max_new_tokens": max_response_tokens, "dedupe": dedupe, "require_finished": require_finished}
             if mode == "generate"
             else None
         ),
         "num_shards_total": n_total_shards,
-        "rows_per_shard": rows_per_shard,
     }
 
     # ---- backend (built lazily: a finished store is checked without starting an engine) ----------
@@ -325,7 +340,7 @@ def cache(
     bar = _Progress(len(todo), enabled=progress, label=f"kdship cache {mode} -> {out}")
     try:
         for s in todo:
-            lo, hi = s * rows_per_shard, min(n_records, (s + 1) * rows_per_shard)
+            lo, hi = shard_bounds[s]
             shard_items = [items[i] for i in range(lo, hi) if i in items]
             shard_rejects = [r for r in rejects if lo <= r["row"] < hi]
             t0 = time.time()
@@ -342,7 +357,7 @@ def cache(
                     shard_rejects += frej
             stats["teacher_seconds"] += time.time() - t0
             shard = Shard.build(samples_out, k_store, with_target_weights=(targets == "sampled"))
-            writer.write_shard(s, shard, rejects=shard_rejects)
+            writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})
             stats["samples"] += shard.num_samples
             stats["positions"] += shard.num_positions
             stats["targeted_positions"] += int((shard.loss_mask & (shard.topk_ids[:, 0] >= 0)).sum())
@@ -389,6 +404,21 @@ def cache(
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def plan_shards(n_records: int, positions: dict[int, int], shard_positions: int) -> list[int]:
+    """First input row of each shard: consecutive rows until their positions reach ``shard_positions``.
+
+    ``positions`` maps row index -> (estimated) positions; rows absent from it (rejected) weigh 0.
+    Deterministic in its inputs, so every process and every resumed run plans the same shards.
+    """
+    starts, acc = [0], 0
+    for r in range(n_records):
+        if acc >= shard_positions:
+            starts.append(r)
+            acc = 0
+        acc += positions.get(r, 0)
+    return starts
 
 
 def _open_writer(out, header, overwrite, resume):

@@ -192,6 +192,31 @@ def _plot(rows: list[dict[str, Any]], png: Path) -> bool:
     return True
 
 
+def export_lines(rep: dict[str, Any]) -> list[str]:
+    """The KD student's export checks, one line per format (from export_report.json's ``verify``)."""
+    v = rep.get("verify") or {}
+    if not v:
+        return []
+    kl = v.get("kl_to_teacher") or {}
+    kl_of = lambda name: f", KL to the teacher {kl[name]:.4f}" if isinstance(kl.get(name), (int, float)) else ""  # noqa: E731
+    head = f"`kdship export` checks on {v.get('prompts')} prompts ({v.get('new_tokens')} greedy tokens each)"
+    if isinstance(kl.get("pytorch"), (int, float)):
+        head += f" and {kl.get('positions')} held-out store positions (PyTorch's KL to the teacher: {kl['pytorch']:.4f})"
+    out = ["", "## Export", "", head + ".", ""]
+    o = v.get("onnx") or {}
+    if o:
+        out.append(f"- ONNX fp32: max |logit diff| {o.get('max_abs_logit_diff', float('nan')):.1e}, greedy identical {o.get('greedy_identical')}/{o.get('greedy_prompts')}{kl_of('onnx')}")
+    h = v.get("hf") or {}
+    if h:
+        out.append(f"- HF folder reloaded by transformers: max |logit diff| {h.get('max_abs_logit_diff', float('nan')):.1e}")
+    vl = v.get("vllm") or {}
+    if vl.get("skipped"):
+        out.append(f"- vLLM: not checked ({vl['skipped']})")
+    elif vl:
+        out.append(f"- vLLM loads the HF folder: greedy identical {vl.get('greedy_identical')}/{vl.get('greedy_prompts')}{kl_of('vllm')}")
+    return out
+
+
 def write_report(demo, sizes, seconds: float) -> dict[str, Any]:
     out = demo.out / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +257,7 @@ def write_report(demo, sizes, seconds: float) -> dict[str, Any]:
     md += ["", "## Closing table", "", render_markdown_table(rows), ""]
     if ev:
         md.append(f"Perplexity and KL: `kdship eval` ({ev.get('kl_source') or 'KL source n/a'}). Retention = teacher ÷ student for lower-is-better metrics (1.0 = the teacher's level).")
+    md += export_lines((r.get("export") or {}).get("kd_student") or {})
     sv = r.get("serve")
     if sv:
         md += ["", "## Endpoint", "", f"`kdship serve` (ONNX Runtime) of the KD student at {sv['url']} answered `{sv['question']}` with:", "", f"> {sv['answer']}"]

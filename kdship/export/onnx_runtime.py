@@ -82,7 +82,7 @@ class OnnxCausalLM:
     ``model_path``, ``providers`` (the session's execution providers).
     """
 
-    def __init__(self, onnx_dir: str | Path, int8: bool = False, providers: Sequence[str] | None = None, num_threads: int | None = None):
+    def __init__(self, onnx_dir: str | Path, int8: bool = False, providers: Sequence[str] | None = None, num_threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
 
         self.onnx_dir = Path(onnx_dir)
@@ -124,6 +124,8 @@ class OnnxCausalLM:
         so.log_severity_level = 3
         if num_threads:
             so.intra_op_num_threads = int(num_threads)
+        if not spin:  # idle worker threads sleep instead of busy-waiting: slower per call, kinder to shared CPUs
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=list(providers or available_providers()))
         self.providers = self.session.get_providers()
         got = [i.name for i in self.session.get_inputs()]

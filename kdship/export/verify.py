@@ -292,14 +292,36 @@ def onnx_logprobs_fn(lm):
     return fn
 
 
+# Full-vocabulary prompt logprobs come back as Python lists: ~40 bytes per (position, id). Requests
+# go in groups of at most this many entries, so 49k-vocabulary students stay within ~1 GB.
+VLLM_KL_ENTRIES_PER_CALL = 25_000_000
+
+
+def _vllm_prompt_logprobs(llm, samples, params, vocab: int):
+    """(sample, RequestOutput) pairs, requested a bounded group at a time."""
+    from vllm import TokensPrompt
+
+    groups: list[list] = []
+    entries = 0
+    for smp in samples:
+        n = len(smp["tokens"]) * vocab
+        if not groups or entries + n > VLLM_KL_ENTRIES_PER_CALL:
+            groups.append([])
+            entries = 0
+        groups[-1].append(smp)
+        entries += n
+    for group in groups:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=g["tokens"].tolist()) for g in group], params, use_tqdm=False)
+        yield from zip(group, outs)
+
+
 def vllm_kl(llm, samples: list[dict[str, np.ndarray]], vocab: int) -> float:
     """vLLM's prompt logprobs over the whole vocabulary (``prompt_logprobs=-1``, flat) at the rows."""
-    from vllm import SamplingParams, TokensPrompt
+    from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=-1, flat_logprobs=True, temperature=0.0, detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=s["tokens"].tolist()) for s in samples], params, use_tqdm=False)
     kls = []
-    for smp, out in zip(samples, outs):
+    for smp, out in _vllm_prompt_logprobs(llm, samples, params, vocab):
         plp = out.prompt_logprobs
         table = np.full((len(smp["tokens"]), vocab), -np.inf)
         if hasattr(plp, "start_indices"):

@@ -18,6 +18,7 @@ DEFAULTS = {
     "served_model_name": None,
     "log_level": "info",
     "threads": None,
+    "spin": True,
 }
 
 
@@ -34,6 +35,7 @@ def serve_command(
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients send. Default: the export folder's name."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning, error."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (onnx; default one per core)."),
+    spin: Optional[bool] = typer.Option(None, "--spin/--no-spin", help="ONNX Runtime idle threads busy-wait (default, lowest latency); --no-spin on shared CPUs."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with these options (flags override it)."),
 ) -> None:
     """Serve an exported student as an OpenAI-compatible HTTP endpoint (Ctrl-C / SIGTERM drains and stops)."""
@@ -43,6 +45,7 @@ def serve_command(
     flags = dict(
         backend=backend, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, int8=int8,
         max_model_len=max_model_len, served_model_name=served_model_name, log_level=log_level, threads=threads,
+        spin=spin,
     )  # fmt: skip
     try:
         cfg = resolve(DEFAULTS, config, flags)

@@ -14,6 +14,7 @@ Backends
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -160,12 +161,13 @@ def build_onnx_app(
     max_model_len: int | None = None,
     model_name: str | None = None,
     threads: int | None = None,
+    spin: bool = True,
 ):
     """Load the ONNX export and return the FastAPI app (``uvicorn.run(app)`` serves it)."""
     from kdship.export.onnx_runtime import OnnxCausalLM
     from kdship.serve.app import build_app
 
-    model = OnnxCausalLM(onnx_dir, int8=int8, num_threads=threads)
+    model = OnnxCausalLM(onnx_dir, int8=int8, num_threads=threads, spin=spin)
     limit = int(model.max_length)
     if max_model_len is not None:
         if max_model_len > limit:
@@ -174,10 +176,10 @@ def build_onnx_app(
     return build_app(model, model_name or default_model_name(onnx_dir), limit, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
 
 
-def _serve_onnx(onnx_dir: Path, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int, int8: bool, max_model_len: int | None, name: str, log_level: str, threads: int | None) -> int:
+def _serve_onnx(onnx_dir: Path, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int, int8: bool, max_model_len: int | None, name: str, log_level: str, threads: int | None, spin: bool = True) -> int:
     import uvicorn
 
-    app = build_onnx_app(onnx_dir, api_key, max_batch, max_queue, int8, max_model_len, name, threads)
+    app = build_onnx_app(onnx_dir, api_key, max_batch, max_queue, int8, max_model_len, name, threads, spin)
     # The scheduler thread needs the GIL back quickly after each ONNX Runtime call while the event
     # loop thread streams responses; the default 5 ms switch interval would stall every decode step.
     sys.setswitchinterval(0.0005)
@@ -203,6 +205,7 @@ def serve(
     served_model_name: str | None = None,
     log_level: str = "info",
     threads: int | None = None,
+    spin: bool = True,
 ) -> int:
     """Serve ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
 
@@ -211,6 +214,7 @@ def serve(
     ``max_queue``: requests waiting beyond the batch before 429 (onnx, default 256).
     ``int8``: serve ``model.int8.onnx`` (onnx only). ``max_model_len``: context limit (prompt + output).
     ``threads``: ONNX Runtime intra-op threads (default: ONNX Runtime's choice, one per core).
+    ``spin``: ONNX Runtime's idle threads busy-wait for work (lowest latency); ``False`` on shared CPUs.
     """
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model_dir(model_dir, backend)
@@ -230,7 +234,7 @@ def serve(
         if threads is not None:
             log.warning("--threads applies to the onnx backend (for vLLM set OMP_NUM_THREADS)")
         return _serve_vllm(path, host, port, api_key, max_batch, max_queue, max_model_len, name)
-    return _serve_onnx(path, host, port, api_key, max_batch or 16, max_queue or 256, int8, max_model_len, name, log_level, threads)
+    return _serve_onnx(path, host, port, api_key, max_batch or 16, max_queue or 256, int8, max_model_len, name, log_level, threads, spin)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -243,8 +247,9 @@ class ServerHandle:
     """A server running in a child process: ``url`` (``http://host:port``), ``model`` (its id),
     ``api_key``, ``log_path`` (its stdout+stderr), ``stop()`` (SIGTERM, wait; SIGKILL after ``timeout``)."""
 
-    def __init__(self, process: subprocess.Popen, url: str, model: str, api_key: str | None, log_path: Path, backend: str):
+    def __init__(self, process: subprocess.Popen, url: str, model: str, api_key: str | None, log_path: Path, backend: str, temp_log: bool = False):
         self.process, self.url, self.model, self.api_key, self.log_path, self.backend = process, url, model, api_key, log_path, backend
+        self.temp_log = temp_log  # a log launch() made up: removed after a clean stop, kept after a failure
 
     @property
     def pid(self) -> int:
@@ -268,6 +273,9 @@ class ServerHandle:
                 log.warning("server pid %d ignored SIGTERM for %.0f s; killing it", self.process.pid, timeout)
                 self.process.kill()
                 self.process.wait(10)
+        if self.temp_log and self.process.returncode in (0, -signal.SIGTERM):
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
         return self.process.returncode
 
     def __enter__(self) -> "ServerHandle":
@@ -289,6 +297,7 @@ def launch(
     max_model_len: int | None = None,
     served_model_name: str | None = None,
     threads: int | None = None,
+    spin: bool = True,
     startup_timeout: float = 300.0,
     log_path: str | Path | None = None,
 ) -> ServerHandle:
@@ -313,11 +322,14 @@ def launch(
         cmd += ["--max-model-len", str(max_model_len)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if not spin:
+        cmd += ["--no-spin"]
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     if api_key:
         env[API_KEY_ENV] = api_key
-    if log_path is None:
+    temp_log = log_path is None
+    if temp_log:
         fd, tmp = tempfile.mkstemp(prefix=f"kdship-serve-{backend}-", suffix=".log")
         os.close(fd)
         log_path = tmp
@@ -326,7 +338,7 @@ def launch(
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     logf.close()
     url_host = f"[{host}]" if ":" in host else host
-    handle = ServerHandle(proc, f"http://{url_host}:{port}", name, api_key, log_path, backend)
+    handle = ServerHandle(proc, f"http://{url_host}:{port}", name, api_key, log_path, backend, temp_log=temp_log)
     deadline = time.monotonic() + startup_timeout
     while True:
         if proc.poll() is not None:

@@ -70,35 +70,39 @@ def heldout_mask(sample_hash: np.ndarray, fraction: float) -> np.ndarray:
 
 @dataclass
 class _Sample:
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    target_weights: np.ndarray | None
+    """One sample: positions [start, start + n_input + 1) of shard ``src``; ``rows`` = its trained
+    rows relative to ``start`` (loss_mask, never row 0)."""
+
+    src: Any  # the decoded kdship.store.Shard it lives in
+    start: int
+    n_input: int  # input tokens: the last token is only ever a target
+    rows: np.ndarray
 
     @property
-    def n_input(self) -> int:  # the last token is only ever a target
-        return len(self.tokens) - 1
-
-    def trained_rows(self) -> np.ndarray:
-        rows = np.flatnonzero(self.loss_mask)
-        return rows[rows >= 1]
+    def tokens(self) -> np.ndarray:
+        return self.src.tokens[self.start : self.start + self.n_input + 1]
 
 
 def _samples_of(shard, keep: np.ndarray) -> list[_Sample]:
-    tw = getattr(shard, "target_weights", None)
-    out = []
-    for i in np.flatnonzero(keep):
-        a, b = int(shard.offsets[i]), int(shard.offsets[i + 1])
-        out.append(_Sample(shard.tokens[a:b], shard.loss_mask[a:b], shard.topk_ids[a:b], shard.topk_logprobs[a:b], None if tw is None else tw[a:b]))
-    return out
+    """The kept samples of a shard. Trained rows are found for the whole shard at once: per-sample
+    numpy calls cost more than the decode itself on short samples."""
+    off = np.asarray(shard.offsets, dtype=np.int64)
+    trained = np.asarray(shard.loss_mask, dtype=bool).copy()
+    trained[off[:-1][off[:-1] < len(trained)]] = False  # row 0 of every sample has no target
+    flat = np.flatnonzero(trained)
+    cut = np.searchsorted(flat, off).tolist()
+    starts = off.tolist()
+    return [_Sample(shard, starts[i], starts[i + 1] - starts[i] - 1, flat[cut[i] : cut[i + 1]] - starts[i]) for i in np.flatnonzero(keep).tolist()]
 
 
 def collate(samples: list[_Sample], global_rows: int, global_samples: int, average: str, global_tokens: int, epoch: int = 0) -> Batch:
-    """Pack one rank's samples into rows and gather their trained rows' targets."""
+    """Pack one rank's samples into rows and gather their trained rows' targets.
+
+    The per-sample loop only places input tokens; the targets are gathered with one fancy index per
+    source shard (a batch draws from a handful of shards), which matters on short samples."""
     if average not in ("token", "sequence"):
         raise ValueError(f"--average {average!r}: choose token or sequence")
-    K = samples[0].topk_ids.shape[1] if samples else 1
+    K = samples[0].src.topk_ids.shape[1] if samples else 1
     order = sorted(range(len(samples)), key=lambda i: -samples[i].n_input)
     cap = max((s.n_input for s in samples), default=1)
     bins: list[list[int]] = []
@@ -116,41 +120,52 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
     R = max(1, len(bins))
     input_ids = np.zeros((R, cap), dtype=np.int64)
     position_ids = np.zeros((R, cap), dtype=np.int64)
-    pred, ids, lps, tws, tg, rw = [], [], [], [], [], []
-    has_tw = any(s.target_weights is not None for s in samples)
+    arange = np.arange(cap)
+    placed: list[_Sample] = []
+    base: list[int] = []  # flat index in [R * cap] of each placed sample's first input token
     for r, b in enumerate(bins):
         at = 0
         for i in b:
             s = samples[i]
             n = s.n_input
-            input_ids[r, at : at + n] = s.tokens[:n]
-            position_ids[r, at : at + n] = np.arange(n)
-            rows = s.trained_rows()
-            pred.append(r * cap + at + rows - 1)
-            ids.append(s.topk_ids[rows])
-            lps.append(s.topk_logprobs[rows])
-            if has_tw:
-                tws.append(s.target_weights[rows] if s.target_weights is not None else np.zeros((len(rows), K), np.float32))
-            tg.append(s.tokens[rows])
-            if average == "token":
-                rw.append(np.full(len(rows), 1.0 / global_rows, dtype=np.float64))
-            else:
-                rw.append(np.full(len(rows), 1.0 / (len(rows) * global_samples), dtype=np.float64))
+            input_ids[r, at : at + n] = s.src.tokens[s.start : s.start + n]
+            position_ids[r, at : at + n] = arange[:n]
+            placed.append(s)
+            base.append(r * cap + at)
             at += n
         if at < cap:  # padding: its own segment (positions restart), never a target
-            position_ids[r, at:] = np.arange(cap - at)
-    cat = lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt)  # noqa: E731
+            position_ids[r, at:] = arange[: cap - at]
+    counts = np.asarray([len(s.rows) for s in placed], dtype=np.int64)
+    rel = np.concatenate([s.rows for s in placed]) if placed else np.zeros(0, np.int64)
+    pred = np.repeat(np.asarray(base, dtype=np.int64) - 1, counts) + rel  # row j is predicted at position j - 1
+    absolute = np.repeat(np.asarray([s.start for s in placed], dtype=np.int64), counts) + rel
+    src_of = np.repeat(np.asarray([id(s.src) for s in placed], dtype=np.int64), counts)
+    N = len(rel)
+    ids = np.empty((N, K), np.int32)
+    lps = np.empty((N, K), np.float32)
+    tg = np.empty(N, np.int32)
+    has_tw = any(s.src.target_weights is not None for s in placed)
+    tws = np.zeros((N, K), np.float32) if has_tw else None
+    for src in {id(s.src): s.src for s in placed}.values():
+        m = src_of == id(src)
+        at_src = absolute[m]
+        ids[m] = src.topk_ids[at_src]
+        lps[m] = src.topk_logprobs[at_src]
+        tg[m] = src.tokens[at_src]
+        if has_tw and src.target_weights is not None:
+            tws[m] = src.target_weights[at_src]
+    per_sample = np.full(len(counts), 1.0 / global_rows) if average == "token" else 1.0 / (np.maximum(counts, 1) * global_samples)
     rows = Rows(
-        topk_ids=torch.from_numpy(cat(ids, (0, K), np.int32).astype(np.int64)),
-        topk_logprobs=torch.from_numpy(cat(lps, (0, K), np.float32).astype(np.float32)),
-        target_weights=torch.from_numpy(cat(tws, (0, K), np.float32).astype(np.float32)) if has_tw else None,
-        targets=torch.from_numpy(cat(tg, (0,), np.int32).astype(np.int64)),
-        row_weight=torch.from_numpy(cat(rw, (0,), np.float64).astype(np.float32)),
+        topk_ids=torch.from_numpy(ids.astype(np.int64)),
+        topk_logprobs=torch.from_numpy(lps),
+        target_weights=torch.from_numpy(tws) if has_tw else None,
+        targets=torch.from_numpy(tg.astype(np.int64)),
+        row_weight=torch.from_numpy(np.repeat(per_sample, counts).astype(np.float32)),
     )
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(position_ids),
-        pred_index=torch.from_numpy(cat(pred, (0,), np.int64).astype(np.int64)),
+        pred_index=torch.from_numpy(pred.astype(np.int64)),
         rows=rows,
         tokens=int(sum(s.n_input for s in samples)),
         global_tokens=global_tokens,
@@ -227,7 +242,7 @@ class StoreLoader:
         for shard in self._pool.map(self.reader.read_shard, paths):
             keep = ~heldout_mask(shard.sample_hash, self.heldout_fraction)
             for s in _samples_of(shard, keep):
-                if len(s.trained_rows()):
+                if len(s.rows):
                     samples.append(s)
                 else:
                     self.skipped_empty += 1
@@ -272,7 +287,7 @@ class StoreLoader:
 
     def _make_batch(self, pending) -> Batch:
         samples = [p[0] for p in pending]
-        g_rows = sum(len(s.trained_rows()) for s in samples)
+        g_rows = sum(len(s.rows) for s in samples)
         g_tokens = sum(s.n_input for s in samples)
         mine = split_for_ranks(samples, self.world_size)[self.rank]
         batch = collate(mine, g_rows, len(samples), self.average, g_tokens, epoch=pending[0][1]["sample_epoch"])
@@ -360,7 +375,7 @@ class StoreLoader:
             if not held.any():
                 continue
             shard = self.reader.read_shard(p)
-            out.extend(s for s in _samples_of(shard, held) if len(s.trained_rows()))
+            out.extend(s for s in _samples_of(shard, held) if len(s.rows))
         return out[: self.eval_samples]
 
     def eval_batches(self, batch_tokens: int | None = None) -> list[Batch]:
@@ -368,7 +383,7 @@ class StoreLoader:
         samples = self.heldout_samples()
         bt = batch_tokens or self.batch_tokens
         out, cur, n = [], [], 0
-        total_rows = sum(len(s.trained_rows()) for s in samples)
+        total_rows = sum(len(s.rows) for s in samples)
         for s in samples:
             if cur and n + s.n_input > bt:
                 out.append(cur)
