@@ -71,6 +71,9 @@ def test_inspect_json_and_text(hf_store):
     assert json.loads(res.output)["samples"] == 15
     res = runner.invoke(app, ["inspect", str(out)])
     assert "complete=True" in res.output and "top-k mass" in res.output
+    # 4-sample shards: inspect says they are small and how to get bigger ones
+    assert info["mean_positions_per_shard"] == round(info["positions"] / info["shards_committed"])
+    assert "small shards" in res.output and "--shard-positions" in res.output
 
 
 def test_refusals(tmp_path, tiny_teacher, corpus_dir, hf_store):

@@ -8,6 +8,10 @@ import numpy as np
 
 from kdship.store import StoreReader, _fs
 
+# Below this many positions per shard a reader's fixed per-shard cost (~12 ms of zarr CPU) dominates
+# decoding: the trainer's loader then runs at a fraction of its rate (bench/RESULTS.md, train).
+SMALL_SHARD_POSITIONS = 16384
+
 
 def _store_bytes(url: str) -> dict[str, int]:
     """Bytes on disk of the committed shards' arrays, per array name."""
@@ -74,6 +78,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
         "logprobs_mode": h.get("logprobs_mode"),
         "encoding": h.get("encoding"),
         "shards_committed": len(r.shard_paths),
+        "mean_positions_per_shard": round(positions / len(r.shard_paths)) if r.shard_paths else None,
         "shards_total": n_total,
         "complete": bool(h.get("complete", False)) or (n_total is not None and len(r.shard_paths) == n_total),
         "checksums_verified": verify,
@@ -95,9 +100,16 @@ def format_report(info: dict[str, Any]) -> str:
         f"teacher          {t.get('name_or_path')}",
         f"  weights sha256 {t.get('weights_sha256')}",
         f"  vocab {t.get('vocab_size')}  tokenizer sha256 {str(t.get('tokenizer_sha256'))[:16]}...  chat template sha256 {str(t.get('chat_template_sha256'))[:16]}",
-        f"shards           {info['shards_committed']}/{info['shards_total']} committed, complete={info['complete']}, checksums verified={info['checksums_verified']}",
+        f"shards           {info['shards_committed']}/{info['shards_total']} committed, complete={info['complete']}, checksums verified={info['checksums_verified']}, "
+        f"{info.get('mean_positions_per_shard')} positions per shard",
         f"rejects          {info['rejects']} {info['rejects_by_reason'] or ''}",
     ]
+    per = info.get("mean_positions_per_shard")
+    if per is not None and per < SMALL_SHARD_POSITIONS and info["shards_committed"] > 1:
+        lines.append(
+            f"note             small shards ({per} positions each): the trainer's loader pays a fixed ~12 ms per shard, "
+            f"so it decodes several times slower than with >= {SMALL_SHARD_POSITIONS} (kdship cache --shard-positions, default 65536)"
+        )
     if info.get("sampling"):
         lines.insert(2, f"sampling         {info['sampling']}")
     if info.get("target_sampling"):
