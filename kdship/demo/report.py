@@ -239,7 +239,7 @@ def write_report(demo, sizes, seconds: float) -> dict[str, Any]:
         files += [str(p.relative_to(out)) for p in sorted(prof_dir.glob("*.png")) + sorted(prof_dir.glob("*.md"))]
 
     a = r.get("assets") or {}
-    md = [f"# kdship demo report", "", f"Teacher: **{a.get('teacher_name', 'n/a')}** (`{a.get('teacher', 'n/a')}`)."]
+    md = ["# kdship demo report", "", f"Teacher: **{a.get('teacher_name', 'n/a')}** (`{a.get('teacher', 'n/a')}`)."]
     pr = r.get("prune") or {}
     if pr:
         md.append(

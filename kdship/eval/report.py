@@ -68,7 +68,7 @@ def write_markdown(report: dict[str, Any], path: str | Path) -> None:
     lines += summary_table(report)
     lines += ["", "## Setup", ""]
     lines.append(f"- data: `{report['data']}`" + (f"; OOD: `{report['ood']}`" if report["ood"] else ""))
-    lines.append(f"- models: " + ", ".join(f"`{n}` = `{m['path']}` ({m['runtime']}, {m['device']})" for n, m in report["models"].items()))
+    lines.append("- models: " + ", ".join(f"`{n}` = `{m['path']}` ({m['runtime']}, {m['device']})" for n, m in report["models"].items()))
     if report.get("teacher_store"):
         lines.append(f"- teacher store: `{report['teacher_store']}` (KL: {report['kl_source']})")
     elif report.get("kl_source"):
