@@ -1,7 +1,8 @@
 """Fidelity of students trained from stores vs full-logit KD, per k and tail option; bytes/position.
 
 Run: .venv/bin/python bench/train_fidelity.py [--quick]
-Writes bench/results/train_fidelity.md.
+Writes bench/results/train_fidelity.md. The same study with a real teacher (SmolLM2-135M, vocabulary
+49,152) is bench/train_fidelity_smollm2.py.
 
 Teacher: a small-vocabulary (512) random Llama with peaked distributions (kdship.tiny). Every store is
 written by `kdship cache` (hf backend, exact). Every student starts from the same weights and sees the
@@ -134,7 +135,7 @@ def write_md(rows, kl0, V, n_train, epochs, held_texts, n_variants) -> None:
         "Goal: ÷ full-logit <= 1.02 at k = 32 and for sampled targets at equal bytes (N = 32 is about the k = 32 store's bytes).",
         "For sampled stores the mass column is the teacher mass of the distinct drawn ids.",
         "",
-        "SmolLM2-135M teacher at small scale: not done in this run (see docs/train.md).",
+        "The same study with the real SmolLM2-135M teacher: bench/train_fidelity_smollm2.py (next section).",
     ]
     if len(rows) < n_variants:
         lines.append(f"\nPartial: {len(rows)} of {n_variants} variants measured so far (the script writes after every student).")
@@ -145,8 +146,9 @@ def write_md(rows, kl0, V, n_train, epochs, held_texts, n_variants) -> None:
 
 
 def combine_results() -> None:
-    """bench/results/train.md = the throughput and fidelity results, whichever exist."""
-    parts = [(RESULTS / f).read_text() for f in ("train_throughput.md", "train_fidelity.md") if (RESULTS / f).is_file()]
+    """bench/results/train.md = the throughput and fidelity results (tiny and SmolLM2 teachers), whichever exist."""
+    names = ("train_throughput.md", "train_fidelity.md", "train_fidelity_smollm2.md")
+    parts = [(RESULTS / f).read_text() for f in names if (RESULTS / f).is_file()]
     (RESULTS / "train.md").write_text("\n\n".join(parts))
 
 

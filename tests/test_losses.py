@@ -158,6 +158,37 @@ def test_full_vocabulary_in_float32_is_also_exact():
 
 
 @pytest.mark.parametrize("kind", DIVS)
+def test_full_distribution_targets_equal_k_equal_vocab(kind):
+    """Online KD's rows (topk_ids None, [N, V] logprobs: ids implied) = the k = V store rows."""
+    V = 32
+    case = make_case(V=V, K=V, blank_rows=(), short_rows=(), seed=9)
+    full = SimpleNamespace(**{**case.__dict__, "topk_ids": None, "topk_logprobs": case.t_full})
+    for tail in ("bucket", "renorm"):
+        a = fused(case, LossConfig(kind=kind, tail=tail, ce_weight=0.2), vocab_size=V)
+        b = fused(full, LossConfig(kind=kind, tail=tail, ce_weight=0.2), vocab_size=V)
+        assert b[0].item() == pytest.approx(a[0].item(), rel=1e-12), tail
+        torch.testing.assert_close(b[2], a[2], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(b[3], a[3], rtol=1e-10, atol=1e-14)
+
+
+def test_full_distribution_targets_with_a_padded_student_vocabulary():
+    """Teacher over the tokenizer's V ids, student table padded to V + 8: forward KL over the V ids."""
+    V, pad = 32, 8
+    case = make_case(V=V + pad, K=V, blank_rows=(), short_rows=(), seed=10)
+    t_full = torch.log_softmax(case.t_full[:, :V], -1)
+    full = SimpleNamespace(**{**case.__dict__, "topk_ids": None, "topk_logprobs": t_full})
+    loss, _, gh, gw = fused(full, LossConfig(kind="fkl", tail="bucket"), vocab_size=V)
+    h = case.hidden.clone().requires_grad_(True)
+    w = case.weight.clone().requires_grad_(True)
+    lq = torch.log_softmax(h @ w.T, -1)[:, :V]
+    ref = (case.row_weight * (t_full.exp() * (t_full - lq)).sum(-1)).sum()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+@pytest.mark.parametrize("kind", DIVS)
 def test_sampled_targets_with_exact_weights_equal_the_divergence(kind):
     """With every id present and w_i = p_i the importance estimate is the divergence itself."""
     V = 24

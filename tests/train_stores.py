@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 
 
-def write_teacher_store(teacher: str | Path, out: str | Path, texts: list[str], top_k: int = 16, shard_size: int = 40, sampled_draws: int | None = None, seed: int = 0) -> Path:
+def write_teacher_store(
+    teacher: str | Path, out: str | Path, texts: list[str], top_k: int = 16, shard_size: int = 40, sampled_draws: int | None = None, seed: int = 0,
+    exact_logprobs: bool = False,
+) -> Path:
     """Score ``texts`` with the teacher (T = 1 log-softmax) and write a text-mode store.
 
     ``sampled_draws``: write a ``targets: sampled`` store instead (N draws per position, distinct ids,
     weights count/N), drawn from the full softmax like the cache's hf backend.
+    ``exact_logprobs``: store the logprobs as plain float32 (no lossy BitRound filter).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,6 +71,8 @@ def write_teacher_store(teacher: str | Path, out: str | Path, texts: list[str], 
         "data": {"path": "in-memory test texts", "rows": len(texts)},
         "shard_size": shard_size,
     }
+    if exact_logprobs:
+        header["encoding"] = {"compressor": "blosc-zstd-bitshuffle-5"}
     w = StoreWriter(str(out), header, overwrite=True)
     for si, a in enumerate(range(0, len(samples), shard_size)):
         w.write_shard(si, Shard.build(samples[a : a + shard_size], top_k, with_target_weights=bool(sampled_draws)))

@@ -82,7 +82,8 @@ class StageSkipped(Exception):
     """A stage that cannot run now (a verb not there yet, an input stage skipped); the reason is logged."""
 
 
-def _env_defaults() -> None:
+def env_defaults() -> None:
+    """Environment defaults for vLLM and torch on a small CPU machine (the caller's settings win)."""
     # vLLM in-process: starts in seconds instead of ~40 s, no spawned engine process (environment.md).
     for k, v in {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -431,7 +432,7 @@ def run_demo(
     the defaults (``quick`` starts from the smaller QUICK sizes). ``force`` reruns every stage.
     ``stages`` limits the run to those stage names (and whatever is already recorded).
     """
-    _env_defaults()
+    env_defaults()
     if sizes is None:
         sizes = DemoSizes(**QUICK) if quick else DemoSizes()
     out = Path(out).resolve()

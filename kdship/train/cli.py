@@ -14,6 +14,7 @@ def train_command(
     init_from_config: Optional[str] = typer.Option(None, "--init-from-config", help="Initialise a fresh student from this model/config directory instead of --student."),
     layers: Optional[int] = typer.Option(None, "--layers", help="With --init-from-config: number of decoder layers."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="With --init-from-config: hidden size (a multiple of head_dim)."),
+    online_teacher: Optional[str] = typer.Option(None, "--online-teacher", help="Reference mode: load this teacher (the store's) and train on its full distribution, run every step; the store gives only the token order. For measuring what caching costs."),
     loss: Optional[str] = typer.Option(None, "--loss", help="fkl | rkl | jsd | skl | srkl | tvd | sft (CE on the data / teacher generations). Default fkl."),
     tail: Optional[str] = typer.Option(None, "--tail", help="Top-k tail: bucket (teacher mass outside top-k as one category) | renorm. Default bucket. Sampled stores use their importance weights."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default 1)."),
@@ -71,7 +72,7 @@ def train_command(
 
 
 _OPTION_NAMES = {
-    "init_from_config", "layers", "hidden", "loss", "tail", "temperature", "ce_weight", "beta", "alpha", "average",
+    "init_from_config", "online_teacher", "layers", "hidden", "loss", "tail", "temperature", "ce_weight", "beta", "alpha", "average",
     "max_steps", "epochs", "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_tokens", "seed", "heldout_fraction",
     "eval_samples", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "overwrite", "stop_after", "fsdp", "workers",
     "shuffle_shards", "logit_chunk", "tensorboard", "log_every", "progress",

@@ -45,6 +45,11 @@ Total loss, averaged over rows (``average="token"``) or over sequences of length
     loss = sum_rows row_weight * ((1 - ce_weight) * D_row + ce_weight * CE_row),
     CE_row = -log q_{T=1}[data token]
 
+Full-distribution targets (online KD, ``kdship train --online-teacher``): ``topk_ids`` is None and
+``topk_logprobs`` holds the teacher's whole log-softmax [N, V'] over the first V' ids (the
+tokenizer's); every row is then complete (no rest category) and the loss is full-vocabulary KD. The
+ids 0..V'-1 are implied, never materialised ([N, V'] int64 would be 8 bytes per logit).
+
 No [N, V] float32 tensor is ever held: ``fused_head_loss`` computes logits ``chunk_rows`` rows at a
 time, takes the logsumexp and the gathers, evaluates the row losses on the small [c, K] tensors and
 computes the gradient with respect to that chunk's logits right away (the row losses depend on one row
@@ -205,6 +210,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ids, targets, row_fn, chunk_rows, temperature, needs_grad, n_parts):  # noqa: D401
         N = hidden.shape[0]
+        full = isinstance(ids, int)  # every row's ids are 0..ids-1: slice instead of gather
         w_mm = weight.to(hidden.dtype)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # logits in >= fp32 (bf16 matmul, fp32 softmax)
         grad_h = torch.zeros_like(hidden) if needs_grad else None
@@ -222,10 +228,10 @@ class _FusedHeadLoss(torch.autograd.Function):
             else:
                 zT = z / T
                 lseT = torch.logsumexp(zT, -1, keepdim=True)
-            ids_c = ids[sl]
+            ids_c = None if full else ids[sl]
             tgt_c = targets[sl, None]
             with torch.enable_grad():
-                s_kd = (zT.gather(1, ids_c) - lseT).detach().requires_grad_(needs_grad)
+                s_kd = ((zT[:, :ids] if full else zT.gather(1, ids_c)) - lseT).detach().requires_grad_(needs_grad)
                 s_ce = (z.gather(1, tgt_c) - lse1).squeeze(1).detach().requires_grad_(needs_grad)
                 loss_c, parts_c = row_fn(s_kd, s_ce, sl)
                 if needs_grad and loss_c.requires_grad:
@@ -241,7 +247,10 @@ class _FusedHeadLoss(torch.autograd.Function):
                     # d s_i / d zT_v = [v == id_i] - softmax(zT)_v ; then d zT / d z = 1/T
                     dz = torch.softmax(zT, -1) if T != 1.0 else (z - lse1).exp_()
                     dz.mul_(-g_kd.sum(-1, keepdim=True))
-                    dz.scatter_add_(1, ids_c, g_kd)
+                    if full:
+                        dz[:, :ids].add_(g_kd)
+                    else:
+                        dz.scatter_add_(1, ids_c, g_kd)
                     if T != 1.0:
                         dz.div_(T)
                 if g_ce is not None:
@@ -275,7 +284,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 def fused_head_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    ids: torch.Tensor,
+    ids: torch.Tensor | int,
     targets: torch.Tensor,
     row_fn: RowFn,
     n_parts: int,
@@ -283,6 +292,8 @@ def fused_head_loss(
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked lm_head + row losses. hidden [N, H], weight [V, H], ids [N, K] (>= 0), targets [N].
+
+    ``ids`` may be an int V' <= V instead: every row's ids are 0..V'-1 (full-distribution targets).
 
     ``row_fn(s_kd [c, K], s_ce [c], rows: slice) -> (loss scalar, parts [n_parts])`` gets the student's
     full-vocabulary log-probs at temperature T at ``ids`` and at T = 1 at ``targets``. Returns the
@@ -305,6 +316,7 @@ class DistillLoss:
 
     rows (a ``loader.Rows``-like object with tensors on the device): ``topk_ids`` [N, K] int64 (-1 pad),
     ``topk_logprobs`` [N, K] float32 (-inf pad), ``target_weights`` [N, K] or None,
+    (or ``topk_ids`` None and ``topk_logprobs`` [N, V']: the teacher's full distribution, ids 0..V'-1),
     ``targets`` [N] int64 (the data token), ``row_weight`` [N] float32 (averaging weights, summing to
     1 over the global batch). hidden [N, H] are the student's final hidden states that predict them.
     Returns the weighted loss (scalar) and a dict of its parts (weighted sums, floats).
@@ -317,7 +329,12 @@ class DistillLoss:
 
     def row_fn(self, rows) -> RowFn:
         cfg = self.cfg
-        valid_all = (rows.topk_ids >= 0) & torch.isfinite(rows.topk_logprobs)
+
+        def valid(sl: slice) -> torch.Tensor:
+            # per chunk: with full-distribution targets an [N, V'] mask would be one more big tensor
+            ok = torch.isfinite(rows.topk_logprobs[sl])
+            return ok if rows.topk_ids is None else ok & (rows.topk_ids[sl] >= 0)
+
         tw = rows.target_weights
         cw = self.ce_weight
 
@@ -326,7 +343,7 @@ class DistillLoss:
             if cfg.kind == "sft" or cw >= 1.0:
                 kd = torch.zeros_like(s_ce)
             else:
-                kd = kd_row_losses(cfg, s_kd, rows.topk_logprobs[sl], valid_all[sl], None if tw is None else tw[sl], self.vocab_size)
+                kd = kd_row_losses(cfg, s_kd, rows.topk_logprobs[sl], valid(sl), None if tw is None else tw[sl], self.vocab_size)
             ce = -s_ce
             kd_sum = (rw * kd).sum()
             ce_sum = (rw * ce).sum()
@@ -336,6 +353,6 @@ class DistillLoss:
         return fn
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, rows) -> tuple[torch.Tensor, dict[str, float]]:
-        ids = rows.topk_ids.clamp(min=0)
+        ids = rows.topk_logprobs.shape[1] if rows.topk_ids is None else rows.topk_ids.clamp(min=0)
         loss, parts = fused_head_loss(hidden, weight, ids, rows.targets, self.row_fn(rows), len(PART_NAMES), self.cfg.temperature, self.cfg.chunk_rows)
         return loss, dict(zip(PART_NAMES, parts.tolist()))

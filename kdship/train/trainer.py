@@ -17,6 +17,11 @@ Run directory::
     RUN_DIR/checkpoints/step_N/  model.safetensors, state.pt (optimizer, tensors only), state.json
     RUN_DIR/final/               the student: an HF directory with its tokenizer (transformers, vLLM)
     RUN_DIR/tb/                  TensorBoard events, when --tensorboard and tensorboard is installed
+
+Reference mode, ``online_teacher=DIR`` (``--online-teacher``): the teacher *is* loaded and run on every
+batch's packed input under no_grad, and the rows' targets are its full-vocabulary log-softmax instead
+of the stored ones (the store then supplies only the token order). Same loop, loader order, averaging
+and chunked loss, so the difference to a store-trained student is exactly what caching costs.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ log = logging.getLogger("kdship.train")
 DEFAULTS: dict[str, Any] = {
     "student": None,
     "init_from_config": None,
+    "online_teacher": None,
     "layers": None,
     "hidden": None,
     "loss": "fkl",
@@ -87,8 +93,8 @@ def _tokenizer_sha256(tok) -> str:
     return tokenizer_sha256(tok)
 
 
-def check_tokenizer(store_header: dict[str, Any], tok, student_name: str, store: str) -> None:
-    """Refuse a student whose token -> id map differs from the store's teacher (no remapping)."""
+def check_tokenizer(store_header: dict[str, Any], tok, student_name: str, store: str, role: str = "student") -> None:
+    """Refuse a student (or an online teacher: ``role``) whose token -> id map differs from the store's teacher."""
     teacher = store_header.get("teacher") or {}
     want = teacher.get("tokenizer_sha256")
     got = _tokenizer_sha256(tok)
@@ -108,9 +114,10 @@ def check_tokenizer(store_header: dict[str, Any], tok, student_name: str, store:
     except Exception:  # the message is already clear without the diff
         pass
     raise TrainError(
-        f"tokenizer mismatch: the student {student_name} (tokenizer sha256 {got[:16]}) does not share the tokenizer of "
+        f"tokenizer mismatch: the {role} {student_name} (tokenizer sha256 {got[:16]}) does not share the tokenizer of "
         f"the store's teacher {teacher.get('name_or_path')} (tokenizer sha256 {want[:16]}){detail}. "
-        "Token ids would mean different tokens; kdship does not remap ids. Use a student with the teacher's tokenizer."
+        "Token ids would mean different tokens; kdship does not remap ids. "
+        + ("Use a student with the teacher's tokenizer." if role == "student" else "Use the store's teacher.")
     )
 
 
@@ -142,7 +149,7 @@ def _shrunk_config(cfg, layers: int | None, hidden: int | None):
 def load_student(student: str | None, init_from_config: str | None, layers: int | None, hidden: int | None, seed: int):
     """(model, tokenizer, name). Either an HF directory to start from, or a config to initialise fresh."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if student and init_from_config:
         raise TrainError(f"give either --student ({student}) or --init-from-config ({init_from_config}), not both")
@@ -153,15 +160,9 @@ def load_student(student: str | None, init_from_config: str | None, layers: int 
     src = student or init_from_config
     if not Path(src).is_dir():
         raise TrainError(f"{'--student' if student else '--init-from-config'} {src}: not a directory")
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except Exception as e:
-        raise TrainError(f"{src}: no loadable tokenizer ({e})") from e
+    tok = _load_tokenizer(src, src)
     if student:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-        except Exception as e:
-            raise TrainError(f"--student {student}: transformers cannot load it ({e})") from e
+        model = _load_model(student, f"--student {student}")
         name = str(student)
     else:
         cfg = _shrunk_config(AutoConfig.from_pretrained(init_from_config), layers, hidden)
@@ -169,6 +170,76 @@ def load_student(student: str | None, init_from_config: str | None, layers: int 
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         name = f"a fresh model from {init_from_config} (layers={cfg.num_hidden_layers}, hidden={cfg.hidden_size})"
     return model, tok, name
+
+
+def _load_tokenizer(path, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise TrainError(f"{what}: no loadable tokenizer ({e})") from e
+
+
+def _load_model(path, what: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        raise TrainError(f"{what}: transformers cannot load it ({e})") from e
+
+
+def load_online_teacher(path: str, store_header: dict[str, Any], store: str, vocab_tok: int, device):
+    """The teacher for online full-logit KD (reference mode): the store's tokenizer and vocabulary, or refused."""
+    if not Path(path).is_dir():
+        raise TrainError(f"--online-teacher {path}: not a directory")
+    check_tokenizer(store_header, _load_tokenizer(path, f"--online-teacher {path}"), str(path), store, role="online teacher")
+    model = _load_model(path, f"--online-teacher {path}")
+    rows = model.get_output_embeddings().weight.shape[0]
+    want = (store_header.get("teacher") or {}).get("vocab_size")
+    if (want is not None and rows != int(want)) or rows < vocab_tok:
+        raise TrainError(
+            f"vocabulary mismatch: the online teacher {path} has {rows} output rows, the store's teacher "
+            f"{(store_header.get('teacher') or {}).get('name_or_path')} has {want} (the tokenizer {vocab_tok} tokens); its "
+            "distributions would not be over the store's vocabulary. Use the store's teacher."
+        )
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise TrainError(f"--online-teacher {path}: final-logit soft-capping is not implemented (the logits are taken from its lm_head)")
+    try:  # a different teacher with the same tokenizer is allowed, but the reference is then not the store's
+        from kdship.cache.render import weights_sha256
+
+        want_w = (store_header.get("teacher") or {}).get("weights_sha256")
+        if want_w and weights_sha256(path) != want_w:
+            log.warning("--online-teacher %s: its weights differ from the store's teacher (%s)", path, (store_header.get("teacher") or {}).get("name_or_path"))
+    except Exception:  # only a warning
+        pass
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def online_rows(teacher, batch, vocab_tok: int, device, autocast_dtype):
+    """The batch's rows with the teacher's full distribution as targets (ids 0..vocab_tok-1 implied).
+
+    The teacher sees the student's exact input (packed rows, restarting position ids) and only the
+    predicting positions go through its lm_head; ids beyond the tokenizer are never targets.
+    """
+    import torch
+
+    from kdship.train.loader import Rows
+
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
+    with torch.no_grad():
+        with ctx:
+            decoder = getattr(teacher, teacher.base_model_prefix)
+            hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
+            h = hidden.reshape(-1, hidden.shape[-1])[batch.pred_index.to(device)]
+            z = teacher.get_output_embeddings()(h)
+        z = z.float()
+        z -= torch.logsumexp(z, -1, keepdim=True)  # in place: one [N, V] buffer
+    r = batch.rows
+    return Rows(topk_ids=None, topk_logprobs=z[:, :vocab_tok], target_weights=None, targets=r.targets.to(device), row_weight=r.row_weight.to(device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,10 +469,11 @@ def _peak_memory_mb(device) -> float:
 # Evaluation
 
 
-def evaluate(train_module, wrapper, batches, device, vocab_size: int, chunk_rows=None) -> dict[str, float]:
+def evaluate(train_module, wrapper, batches, device, vocab_size: int, chunk_rows=None, rows_fn=None) -> dict[str, float]:
     """Held-out KL(teacher || student) over the stored top-k plus one "rest" category, and CE (nat/row).
 
-    With k = vocab this is the exact KL; otherwise a lower bound of it (the tail is lumped). Runs the
+    With k = vocab (or ``rows_fn`` giving an online teacher's full rows) this is the exact KL;
+    otherwise a lower bound of it (the tail is lumped). Runs the
     (possibly DDP/FSDP-wrapped) training module with its loss swapped, so sharded students work too.
     """
     import torch
@@ -416,7 +488,8 @@ def evaluate(train_module, wrapper, batches, device, vocab_size: int, chunk_rows
     try:
         with torch.no_grad():
             for b in batches:
-                _, parts = train_module(b.input_ids.to(device), b.position_ids.to(device), b.pred_index.to(device), b.rows.to(device))
+                rows = rows_fn(b) if rows_fn is not None else b.rows.to(device)
+                _, parts = train_module(b.input_ids.to(device), b.position_ids.to(device), b.pred_index.to(device), rows)
                 tot["heldout_kl"] += parts["kd"]
                 tot["heldout_ce"] += parts["ce"]
     finally:
@@ -471,7 +544,7 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
     sampled = header.get("targets") == "sampled"
     if cfg["loss"] != "sft" and header.get("mode") == "generate" and cfg["ce_weight"] == 0:
         log.info("generate store: KD on the teacher's own samples (use --loss sft for plain sequence-level KD)")
-    if sampled and cfg["temperature"] != 1.0:
+    if sampled and cfg["temperature"] != 1.0 and not cfg["online_teacher"]:
         raise TrainError("--temperature: a sampled-targets store was drawn at temperature 1; use --temperature 1")
 
     model, tok, student_name = load_student(cfg["student"], cfg["init_from_config"], cfg["layers"], cfg["hidden"], int(cfg["seed"]))
@@ -485,6 +558,14 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
         raise TrainError(f"{student_name}: its lm_head has a bias or final-logit soft-capping, which the fused chunked loss does not implement")
     model.to(device)
     model.config.use_cache = False
+    teacher = None
+    if cfg["online_teacher"]:
+        teacher = load_online_teacher(str(cfg["online_teacher"]), header, store, vocab_tok, device)
+        if dist_ctx.main:
+            log.info("online KD: targets are %s's full distribution at every step (the store gives the token order only)", cfg["online_teacher"])
+
+    def rows_of(b):
+        return online_rows(teacher, b, vocab_tok, device, autocast_dtype) if teacher is not None else b.rows.to(device)
 
     loss_cfg = LossConfig(
         kind=cfg["loss"], tail=cfg["tail"], temperature=float(cfg["temperature"]), ce_weight=float(cfg["ce_weight"]),
@@ -537,7 +618,7 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
         ckpts = _ckpt_dirs(out_dir)
         if ckpts:
             saved_cfg = json.loads((ckpts[-1] / "state.json").read_text()).get("config", {})
-            changed = [k for k in ("loss", "tail", "batch_tokens", "seed", "lr", "temperature", "ce_weight") if k in saved_cfg and saved_cfg[k] != cfg[k]]
+            changed = [k for k in ("loss", "tail", "batch_tokens", "seed", "lr", "temperature", "ce_weight", "online_teacher") if k in saved_cfg and saved_cfg[k] != cfg[k]]
             if changed:
                 raise TrainError(f"--resume {out_dir}: the run was started with different {', '.join(changed)}; resume with the same settings")
             st = load_checkpoint(ckpts[-1], model, optimizer, scheduler, dist_ctx)
@@ -569,7 +650,7 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
     def run_eval(step: int) -> dict | None:
         if not eval_batches:
             return None
-        ev = evaluate(train_module, wrapper, eval_batches, device, vocab_tok, cfg["logit_chunk"])
+        ev = evaluate(train_module, wrapper, eval_batches, device, vocab_tok, cfg["logit_chunk"], rows_of)
         rec = {"step": step, **ev}
         metrics.log(rec)
         return rec
@@ -594,7 +675,7 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
                 batch = next(it)
             except StopIteration:
                 break
-            out_ = train_module(batch.input_ids.to(device), batch.position_ids.to(device), batch.pred_index.to(device), batch.rows.to(device))
+            out_ = train_module(batch.input_ids.to(device), batch.position_ids.to(device), batch.pred_index.to(device), rows_of(batch))
             loss, parts = out_
             # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
             (loss * dist_ctx.world).backward()
@@ -655,7 +736,6 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
 
 
 def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary, store) -> str | None:
-    import torch
 
     model_sd, _ = _full_state_dicts(wrapper, model, optimizer, dist_ctx) if dist_ctx.fsdp else ({k: v.detach().cpu() for k, v in model.state_dict().items()}, None)
     if not dist_ctx.main:
