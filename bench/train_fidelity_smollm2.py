@@ -81,7 +81,7 @@ def heldout_kl(t_lps, student, ids_list) -> float:
     return tot / n
 
 
-def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, sampled_candidates: int, shard_size: int, backend: str = "vllm") -> dict:
+def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int = 0, backend: str = "vllm") -> dict:
     """`kdship cache` (a subprocess: the vLLM engine is gone before training starts)."""
     from kdship.cache.inspect import inspect_store
 
@@ -115,12 +115,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--keep-layers", type=int, default=6)
     ap.add_argument("--sampled-n", type=int, default=32, help="draws per position (chosen so bytes ~ the k = 32 store)")
-    ap.add_argument("--sampled-candidates", type=int, default=256, help="vLLM: the renormalised top-K' the draws come from")
+    ap.add_argument("--sampled-candidates", default="256,1024,4096", help="vLLM: the renormalised top-K' the draws come from (comma-separated: one store each)")
     ap.add_argument("--no-hf-sampled", action="store_true", help="skip the extra sampled store written by the exact hf backend")
     ap.add_argument("--variants", default=None, help="comma-separated subset of variant names (for timing probes)")
     ap.add_argument("--no-md", action="store_true", help="do not write the results file (probes)")
     ap.add_argument("--md-only", action="store_true", help="rewrite the results file from the saved results of these settings")
     a = ap.parse_args()
+    cands = [int(c) for c in str(a.sampled_candidates).split(",")]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,13 +146,13 @@ def main() -> None:
 
     stores = {
         8: dict(top_k=8, targets="topk"), 32: dict(top_k=32, targets="topk"), 128: dict(top_k=128, targets="topk"),
-        "sampled": dict(top_k=a.sampled_n, targets="sampled"),
+        **{f"sampled_c{c}": dict(top_k=a.sampled_n, targets="sampled", sampled_candidates=c) for c in cands},
         # exact draws from the full softmax (hf backend): separates the method from vLLM's top-K' candidates
         "sampled_hf": dict(top_k=a.sampled_n, targets="sampled", backend="hf"),
     }
     # most important first: partial results are written after every student
-    variants = [("full-logit online KD", 32, "online"), ("top-32 bucket", 32, "bucket"), ("top-32 renorm", 32, "renorm"),
-                (f"sampled N={a.sampled_n} (vLLM, K'={a.sampled_candidates})", "sampled", "bucket")]
+    variants = [("full-logit online KD", 32, "online"), ("top-32 bucket", 32, "bucket"), ("top-32 renorm", 32, "renorm")]
+    variants += [(f"sampled N={a.sampled_n} (vLLM, K'={c})", f"sampled_c{c}", "bucket") for c in cands]
     for k in (8, 128):
         variants += [(f"top-{k} bucket", k, "bucket"), (f"top-{k} renorm", k, "renorm")]
     if not a.no_hf_sampled:
@@ -178,8 +179,9 @@ def main() -> None:
     import torch as _t
 
     allp = _t.cat(t_lps).exp()
-    top = allp.topk(256, -1).values.cumsum(-1)
-    mass = {k: round(top[:, k - 1].mean().item(), 4) for k in (8, 32, 128, 256)}
+    ks = sorted({8, 32, 128, *cands})
+    top = allp.topk(max(ks), -1).values.cumsum(-1)
+    mass = {k: round(top[:, k - 1].mean().item(), 4) for k in ks}
     del allp, top
     print("teacher mass in its own top-k on held-out:", mass, flush=True)
     s0 = AutoModelForCausalLM.from_pretrained(student0, dtype=torch.float32).eval()
@@ -193,9 +195,9 @@ def main() -> None:
     for name, skey, tail in variants:
         if name in done:  # measured by an earlier (interrupted) run with the same settings
             continue
-        sname = f"store{a.train_passages}_" + {"sampled": f"sampled{a.sampled_n}_c{a.sampled_candidates}", "sampled_hf": f"sampled{a.sampled_n}_hf"}.get(skey, f"k{skey}")
+        sname = f"store{a.train_passages}_" + (f"sampled{a.sampled_n}_{skey.split('_')[1]}" if str(skey).startswith("sampled") else f"k{skey}")
         spath = WORK / sname
-        st = cache_store(teacher, data, spath, sampled_candidates=a.sampled_candidates, shard_size=shard_size, **stores[skey])
+        st = cache_store(teacher, data, spath, shard_size=shard_size, **stores[skey])
         state["stores"][sname] = st
         run = WORK / "runs" / f"{tag}_{sname}_{tail}"
         shutil.rmtree(run, ignore_errors=True)
@@ -246,7 +248,7 @@ def write_md(state, kl0, prune_info, a, names, held_positions, wall_s, mass) -> 
         f"Training: {a.epochs} epoch(s), {a.batch_tokens} tokens/step, lr {a.lr} (AdamW, warmup + cosine), --loss fkl, seed 0: the same batches "
         "in the same order for every variant.",
         "Stores: `kdship cache --backend vllm` (the real engine), logprobs in the default encoding (BitRound, 5 mantissa bits). "
-        f"Sampled: N = {a.sampled_n} draws per position from vLLM's top-{a.sampled_candidates} renormalised (`--sampled-candidates`), "
+        f"Sampled: N = {a.sampled_n} draws per position from vLLM's top-K' renormalised (`--sampled-candidates K'`, K' = {a.sampled_candidates.replace(',', ', ')}), "
         "distinct ids + count/N weights.",
         "Reference: full-logit online KD (`kdship train --online-teacher`): the teacher runs on every batch in the same loop.",
         f"Held-out: exact full-vocabulary KL(teacher || student), nat/position. Pruned student before training: {kl0:.4f}. "
@@ -288,6 +290,11 @@ def write_md(state, kl0, prune_info, a, names, held_positions, wall_s, mass) -> 
     print("\n".join(lines), flush=True)
 
 
+def _cands(name: str) -> int:
+    """K' of a variant named "sampled N=... (vLLM, K'=...)"."""
+    return int(name.split("K'=")[1].rstrip(")"))
+
+
 def reading(rows: dict, names: list[str], kl0: float, mass: dict) -> str:
     """What the table says, from its own numbers (one seed; students far from converged)."""
     ref = rows[names[0]]["kl"]
@@ -303,13 +310,14 @@ def reading(rows: dict, names: list[str], kl0: float, mass: dict) -> str:
         f"{(r('top-128 bucket') - 1) * 100:.0f} % above the full-logit student: the tail this teacher leaves outside its top-k "
         f"({1 - mass[32]:.2f} of the mass at k = 32 on held-out text) is learned only as one lump.",
     ]
-    if len(smp) > 1:
-        cands = smp[0].split("K'=")[1].rstrip(")")
+    vl = [n for n in smp if "vLLM" in n]
+    hf = [n for n in smp if "hf" in n]
+    if vl:
+        per = ", ".join(f"{r(n):.3f} at K' = {_cands(n)} ({1 - mass[_cands(n)]:.3f} of the mass beyond)" for n in vl)
         out.append(
-            f"Sampled targets at about the k = 32 bytes beat top-32 bucket: {r(smp[0]):.3f} with vLLM's draws and {r(smp[1]):.3f} with exact "
-            f"draws from the full softmax (hf backend). The gap between the two is most likely vLLM's approximation (the draws also differ): "
-            f"it draws from the renormalised "
-            f"top-{cands} candidates and ignores the {1 - mass[256]:.2f} of the mass beyond them."
+            f"Sampled targets at about the k = 32 bytes, against top-32 bucket's {r('top-32 bucket'):.3f}: with vLLM's draws from its renormalised "
+            f"top-K' candidates {per}" + (f"; with exact draws from the full softmax (hf backend) {r(hf[0]):.3f}" if hf else "") + ". "
+            "The draws ignore the teacher's mass beyond the K' candidates (renormalised away), so a larger K' moves vLLM's store towards the exact one."
         )
     out.append(
         f"One seed, {rows[names[0]]['steps']} steps: the reference student went from {kl0:.2f} to {ref:.2f} nat/position and is far from "

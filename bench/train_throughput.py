@@ -313,7 +313,7 @@ def main() -> None:
     # the full train() loop (loader thread, metrics, progress) on the same store, for comparison
     from kdship.train.trainer import train
 
-    s = train(paths["store"], student=paths["student"], out=str(WORK / "run"), max_steps=a.steps + a.warmup, batch_tokens=a.batch_tokens,
+    train(paths["store"], student=paths["student"], out=str(WORK / "run"), max_steps=a.steps + a.warmup, batch_tokens=a.batch_tokens,
               eval_every=0, ckpt_every=0, heldout_fraction=0.0, progress=False, overwrite=True)
     recs = [json.loads(x) for x in (WORK / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     w = recs[a.warmup - 1]

@@ -258,3 +258,16 @@ def test_shards_planned_by_positions(tmp_path, tiny_teacher, corpus_dir):
     # resuming with the other layout is refused, naming the setting
     with pytest.raises(CacheError, match="shard_positions"):
         cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=8, shard_positions=240, progress=False)
+
+
+def test_bounded_groups_keep_order_and_the_entry_bound():
+    from kdship.cache.run import MAX_ENTRIES_PER_CALL, _bounded_groups
+
+    rng = np.random.default_rng(0)
+    sizes = [int(x) for x in rng.integers(1, MAX_ENTRIES_PER_CALL // 3, 50)] + [MAX_ENTRIES_PER_CALL * 2]  # one row alone over the bound
+    groups = list(_bounded_groups(list(range(len(sizes))), sizes))
+    assert [i for g in groups for i in g] == list(range(len(sizes)))
+    for g in groups:
+        assert len(g) == 1 or sum(sizes[i] for i in g) <= MAX_ENTRIES_PER_CALL
+    assert groups[-1] == [len(sizes) - 1]
+    assert len(groups) < len(sizes)  # rows that fit together share a call

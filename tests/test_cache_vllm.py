@@ -150,6 +150,32 @@ def test_vllm_sampled_targets(tmp_path, vbackend, tiny_teacher, corpus_dir):
     assert s["targeted_positions"] > 0
 
 
+def test_engine_calls_bounded_by_entries_give_the_same_store(tmp_path, vbackend, tiny_teacher, corpus_dir, monkeypatch):
+    """A shard split over several engine calls (to bound vLLM's Python logprob objects) stores what one call would."""
+    import kdship.cache.run as run_mod
+
+    data = str(corpus_dir / "pairs.jsonl")
+    cache(str(tiny_teacher), data, str(tmp_path / "one"), targets="sampled", top_k=16, sampled_candidates=128, progress=False)
+    calls = []
+    real_score = type(vbackend).score
+
+    def counting_score(self, seqs, k):
+        calls.append(len(seqs))
+        return real_score(self, seqs, k)
+
+    monkeypatch.setattr(run_mod, "MAX_ENTRIES_PER_CALL", 128 * 40)  # a few short rows per call
+    monkeypatch.setattr(type(vbackend), "score", counting_score)
+    cache(str(tiny_teacher), data, str(tmp_path / "many"), targets="sampled", top_k=16, sampled_candidates=128, progress=False)
+    assert len(calls) > 1
+    a = list(StoreReader(str(tmp_path / "one")).iter_samples())
+    b = list(StoreReader(str(tmp_path / "many")).iter_samples())
+    assert len(a) == len(b) == sum(calls)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+        np.testing.assert_array_equal(x["topk_ids"], y["topk_ids"])
+        np.testing.assert_allclose(x["topk_logprobs"], y["topk_logprobs"], rtol=ENC_RTOL, atol=TOL)
+
+
 def test_refuses_teacher_the_cpu_kernels_cannot_run(tmp_path):
     from kdship.cache.vllm_backend import TeacherUnsupported, check_teacher_runs
     from kdship.tiny import build_tiny_llama

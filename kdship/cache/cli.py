@@ -18,7 +18,7 @@ def cache_command(
     mode: Optional[str] = typer.Option(None, help="score (teacher-forced top-k over prompt+response) | generate (teacher samples responses)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Targets per position (default 32)."),
     targets: Optional[str] = typer.Option(None, help="topk (default) | sampled (N=top-k draws from the teacher, distinct ids + count/N weights)."),
-    sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help="vLLM only, --targets sampled: draw from the renormalised top-K' (default 128)."),
+    sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help="vLLM only, --targets sampled: draw from the renormalised top-K' (default 1024; 4096 is closer to exact, slower)."),
     backend: Optional[str] = typer.Option(None, help="vllm (default) | hf (plain transformers, the reference) | openai (--teacher-url)."),
     teacher_url: Optional[str] = typer.Option(None, "--teacher-url", help="OpenAI-compatible endpoint for --backend openai (TEACHER then only needs its tokenizer)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KDSHIP_TEACHER_API_KEY", help="API key for --teacher-url (or $KDSHIP_TEACHER_API_KEY)."),

@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = dict(
     max_response_tokens=None,
     dedupe=False,
     require_finished=False,
-    sampled_candidates=128,
+    sampled_candidates=1024,
     split=None,
     progress=True,
 )
@@ -168,7 +168,7 @@ def cache(
     max_response_tokens: int | None = None,
     dedupe: bool = False,
     require_finished: bool = False,
-    sampled_candidates: int = 128,
+    sampled_candidates: int = 1024,
     split: str | None = None,
     progress: bool = True,
     teacher_backend=None,
@@ -507,13 +507,28 @@ def _sample_rng(seed: int, row: int, sample: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(row), int(sample), 0x5A3])
 
 
+# Logprob entries one engine call may return: vLLM hands them back as Python objects (~100 B each),
+# so a shard of long rows at a large K' would otherwise need many GB at once.
+MAX_ENTRIES_PER_CALL = 32 << 20
+
+
+def _bounded_groups(items: list, entries: list[int]):
+    """Consecutive runs of ``items`` whose summed ``entries`` stay within MAX_ENTRIES_PER_CALL (at least one item each)."""
+    group, total = [], 0
+    for it, n in zip(items, entries):
+        if group and total + n > MAX_ENTRIES_PER_CALL:
+            yield group
+            group, total = [], 0
+        group.append(it)
+        total += n
+    if group:
+        yield group
+
+
 def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab):
     kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
-    # bound memory when whole distributions come back
-    group = len(items) if kc <= 1024 else max(1, (32 << 20) // (kc * max(len(it["tokens"]) for it in items)))
     out = []
-    for g in range(0, len(items), group):
-        chunk = items[g : g + group]
+    for chunk in _bounded_groups(items, [len(it["tokens"]) * kc for it in items]):
         res = be.score([it["tokens"].tolist() for it in chunk], kc)
         for it, (ids, lps) in zip(chunk, res):
             ti, tl, tw = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, 0))
@@ -527,9 +542,11 @@ def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab):
 def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
                     filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished):
     kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
-    prompts = [it["tokens"].tolist() for it in items]
-    seeds = [_row_seed(seed, it["row"].index) for it in items]
-    gens = be.generate(prompts, kc, samples, temperature, top_p, max_new_tokens, seeds)
+    gens = []
+    for chunk in _bounded_groups(items, [samples * max_new_tokens * kc] * len(items)):
+        prompts = [it["tokens"].tolist() for it in chunk]
+        seeds = [_row_seed(seed, it["row"].index) for it in chunk]
+        gens += be.generate(prompts, kc, samples, temperature, top_p, max_new_tokens, seeds)
     out, rejects = [], []
     for it, row_gens in zip(items, gens):
         idx = list(range(len(row_gens)))
