@@ -81,7 +81,7 @@ def heldout_kl(t_lps, student, ids_list) -> float:
     return tot / n
 
 
-def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int = 0, backend: str = "vllm") -> dict:
+def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int | None = None, backend: str = "vllm") -> dict:
     """`kdship cache` (a subprocess: the vLLM engine is gone before training starts)."""
     from kdship.cache.inspect import inspect_store
 
@@ -91,7 +91,7 @@ def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, s
     cmd = [sys.executable, "-m", "kdship", "cache", teacher, str(data), "--out", str(out), "--backend", backend, "--top-k", str(top_k),
            "--targets", targets, "--max-length", "512", "--overflow", "truncate", "--shard-size", str(shard_size), "--seed", "0",
            "--no-progress", "--overwrite", "--json"]
-    if targets == "sampled" and backend == "vllm":
+    if sampled_candidates is not None:
         cmd += ["--sampled-candidates", str(sampled_candidates)]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -144,19 +144,21 @@ def main() -> None:
         print("pruned:", {k: info[k] for k in ("kept_layers", "strategy", "student_params")}, flush=True)
     prune_info = json.loads((student0 / "kdship_prune.json").read_text())
 
+    # keyed by the store's directory name (without the store{passages}_ prefix)
+    smp = f"sampled{a.sampled_n}"
     stores = {
-        8: dict(top_k=8, targets="topk"), 32: dict(top_k=32, targets="topk"), 128: dict(top_k=128, targets="topk"),
-        **{f"sampled_c{c}": dict(top_k=a.sampled_n, targets="sampled", sampled_candidates=c) for c in cands},
+        **{f"k{k}": dict(top_k=k, targets="topk") for k in (8, 32, 128)},
+        **{f"{smp}_c{c}": dict(top_k=a.sampled_n, targets="sampled", sampled_candidates=c) for c in cands},
         # exact draws from the full softmax (hf backend): separates the method from vLLM's top-K' candidates
-        "sampled_hf": dict(top_k=a.sampled_n, targets="sampled", backend="hf"),
+        f"{smp}_hf": dict(top_k=a.sampled_n, targets="sampled", backend="hf"),
     }
     # most important first: partial results are written after every student
-    variants = [("full-logit online KD", 32, "online"), ("top-32 bucket", 32, "bucket"), ("top-32 renorm", 32, "renorm")]
-    variants += [(f"sampled N={a.sampled_n} (vLLM, K'={c})", f"sampled_c{c}", "bucket") for c in cands]
+    variants = [("full-logit online KD", "k32", "online"), ("top-32 bucket", "k32", "bucket"), ("top-32 renorm", "k32", "renorm")]
+    variants += [(f"sampled N={a.sampled_n} (vLLM, K'={c})", f"{smp}_c{c}", "bucket") for c in cands]
     for k in (8, 128):
-        variants += [(f"top-{k} bucket", k, "bucket"), (f"top-{k} renorm", k, "renorm")]
+        variants += [(f"top-{k} bucket", f"k{k}", "bucket"), (f"top-{k} renorm", f"k{k}", "renorm")]
     if not a.no_hf_sampled:
-        variants.append((f"sampled N={a.sampled_n} (hf, exact draws)", "sampled_hf", "bucket"))
+        variants.append((f"sampled N={a.sampled_n} (hf, exact draws)", f"{smp}_hf", "bucket"))
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants if any(v[0].startswith(w) for w in want)]
@@ -176,9 +178,7 @@ def main() -> None:
     t_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     t_lps = teacher_heldout(t_model, held_ids)
     del t_model
-    import torch as _t
-
-    allp = _t.cat(t_lps).exp()
+    allp = torch.cat(t_lps).exp()
     ks = sorted({8, 32, 128, *cands})
     top = allp.topk(max(ks), -1).values.cumsum(-1)
     mass = {k: round(top[:, k - 1].mean().item(), 4) for k in ks}
@@ -190,12 +190,12 @@ def main() -> None:
     held_positions = sum(len(i) - 1 for i in held_ids)
     wall_before = state.get("context", {}).get("wall_s", 0.0)  # an interrupted earlier session's time
     state["context"] = {"kl0": kl0, "mass": mass, "held_positions": held_positions, "wall_s": wall_before}
-    print(f"held-out: {len(held_ids)} passages, {sum(len(i) - 1 for i in held_ids)} positions; pruned student KL {kl0:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"held-out: {len(held_ids)} passages, {held_positions} positions; pruned student KL {kl0:.4f} ({time.time() - t0:.0f} s)", flush=True)
 
     for name, skey, tail in variants:
         if name in done:  # measured by an earlier (interrupted) run with the same settings
             continue
-        sname = f"store{a.train_passages}_" + (f"sampled{a.sampled_n}_{skey.split('_')[1]}" if str(skey).startswith("sampled") else f"k{skey}")
+        sname = f"store{a.train_passages}_{skey}"
         spath = WORK / sname
         st = cache_store(teacher, data, spath, shard_size=shard_size, **stores[skey])
         state["stores"][sname] = st
