@@ -43,7 +43,7 @@ ENCODINGS = {
     "transpose + BitRound 5": {"topk_logprobs": {"bitround_keepbits": 5}, "transpose_topk": True, "clevel": 5},
     "BitRound 5, zstd 9": {"topk_logprobs": {"bitround_keepbits": 5}, "clevel": 9},
 }
-MACHINE = f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, shared with other jobs at the time"
+MACHINE = f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, load average {os.getloadavg()[0]:.1f} at start"
 
 
 def kl_topk(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
@@ -111,10 +111,80 @@ def measure(rows, k: int, encoding: dict, workdir: str):
     }
 
 
+HEADTAIL_GRID = ((4, 8), (2, 10), (8, 4), (8, 8), (16, 16))  # (exact head h, residual draws N)
+
+
+def headtail_encodings() -> dict:
+    """The default headtail encoding and the alternatives it was chosen over (one change each)."""
+    d = default_encoding("headtail", 49152)
+    alt = lambda **kw: {**json.loads(json.dumps(d)), **kw}  # noqa: E731
+    return {
+        "**default (chosen)**": d,
+        "ids without Delta (sorted only)": alt(target_ids=dict(d["target_ids"], filter=None)),
+        "logprobs 1/1024 nat": alt(logprobs=dict(d["logprobs"], fixed_scale=1024)),
+        "logprobs 1/256 nat": alt(logprobs=dict(d["logprobs"], fixed_scale=256)),
+        "zstd 5": alt(clevel=5, compressor="blosc-zstd-5"),
+    }
+
+
+def headtail_measure(teacher: str, n_conv: int, workdir: str) -> list[str]:
+    """Headtail stores from exact full-softmax draws (hf): bytes per position per (h, N) and encoding,
+    and the rest mass / weight-sum error against the float64 forward."""
+    import torch
+
+    from kdship.cache.hf_backend import HFBackend
+    from kdship.cache.targets import draw_headtail_targets
+
+    rows = teacher_rows(teacher, n_conv, 1)  # tokens and masks only
+    be = HFBackend(teacher)
+    V = be.vocab_size()
+    per = {hn: [] for hn in HEADTAIL_GRID}
+    rest_err = 0.0
+    for i, r in enumerate(rows):
+        toks = r["tokens"]
+        with torch.no_grad():
+            lp = torch.log_softmax(be.model(torch.as_tensor([toks.tolist()])).logits[0].double(), -1)
+        vals, order = torch.sort(lp[:-1], -1, descending=True)
+        ids = np.concatenate([np.full((1, V), -1, np.int32), order.numpy().astype(np.int32)])
+        lps = np.concatenate([np.full((1, V), -np.inf), vals.numpy()])
+        own = np.concatenate([[np.nan], lp[:-1].gather(1, torch.as_tensor(toks[1:], dtype=torch.long)[:, None])[:, 0].numpy()])
+        for (h, n) in HEADTAIL_GRID:
+            t = draw_headtail_targets(ids, lps, toks, own, h, n, np.random.default_rng([i, h, n]))
+            t.pop("missing_mass")
+            per[(h, n)].append(dict(t, tokens=toks, loss_mask=r["loss_mask"], sample_index=i))
+            if (h, n) == HEADTAIL_GRID[0]:
+                p = lp[:-1].exp().numpy()
+                for j in range(1, len(toks)):
+                    exact = set(t["target_ids"][j][(t["target_ids"][j] >= 0) & (t["target_counts"][j] == 0)].tolist()) | {int(toks[j])}
+                    rest_err = max(rest_err, abs(np.exp(np.float64(t["rest_logmass"][j])) - (1 - p[j - 1][sorted(exact)].sum())))
+    lines = ["| h | N | encoding | B/position | ids B | logprobs B | counts B | rest + beyond + data-token B | distinct draws/row | max abs(sum w - 1) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    from kdship.cache.inspect import _store_bytes
+
+    for (h, n), samples in per.items():
+        encs = headtail_encodings() if (h, n) == HEADTAIL_GRID[0] else {"**default (chosen)**": default_encoding("headtail", V)}
+        for ename, enc in encs.items():
+            url = os.path.join(workdir, f"ht{h}-{n}-{abs(hash(ename))}")
+            header = {"mode": "score", "top_k": h, "targets": "headtail", "target_sampling": {"head": h, "draws": n}, "teacher": {"vocab_size": V},
+                      "data": {}, "encoding": enc}
+            w = StoreWriter(url, header, overwrite=True)
+            w.write_shard(0, Shard.build(samples, h + n, targets="headtail"))
+            got = StoreReader(url).read_shard("shards/s000000")
+            nb = _store_bytes(url)
+            T = got.num_positions
+            has = got.has_target()
+            werr = float(np.abs(got.target_weights[has].astype(np.float64).sum(1) - 1).max())
+            distinct = float(((got.target_ids[has] >= 0) & (got.target_counts[has] > 0)).sum(1).mean())
+            lines.append(f"| {h} | {n} | {ename} | {sum(nb.values()) / T:.1f} | {nb['target_ids'] / T:.1f} | {nb['target_logprobs'] / T:.1f} | "
+                         f"{nb['target_counts'] / T:.1f} | {(nb['rest_logmass'] + nb['beyond_logmass'] + nb['token_logprob']) / T:.1f} | {distinct:.2f} | {werr:.1e} |")
+            print(lines[-1], flush=True)
+    lines += ["", f"Rest mass stored (h = {HEADTAIL_GRID[0][0]}, N = {HEADTAIL_GRID[0][1]}) vs the float64 forward: max abs error {rest_err:.1e} over every row (goal <= 1e-3).", ""]
+    return lines
+
+
 def merge_results() -> None:
-    """bench/results/cache.md = the overhead section + the bytes section (each script writes its own)."""
+    """bench/results/cache.md = the overhead section + the bytes sections (each script writes its own)."""
     res = ROOT / "bench" / "results"
-    parts = [(res / n).read_text() for n in ("cache_overhead.md", "cache_bytes.md") if (res / n).is_file()]
+    parts = [(res / n).read_text() for n in ("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md") if (res / n).is_file()]
     (res / "cache.md").write_text("# kdship cache benchmarks\n\n" + "\n".join(parts))
 
 
@@ -122,9 +192,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conversations", type=int, default=40)
     ap.add_argument("--skip-smollm", action="store_true")
+    ap.add_argument("--headtail-only", action="store_true", help="only the headtail (format v2 default) section, SmolLM2")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cache_bytes.md"))
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kdship-bytes-")
+    if not args.skip_smollm:
+        from kdship.demo.assets import smollm2_dir
+
+        lines = ["## Headtail store bytes per position (format v2 default; bench/cache_bytes.py)", "",
+                 f"Machine: {MACHINE}. Teacher SmolLM2-135M-Instruct (vocabulary 49,152), first {args.conversations} chitchat conversations "
+                 "(<= 256 tokens), exact draws from the full softmax. Bytes = all files of the shard's arrays on disk / positions "
+                 "(DistillKit's budget layout at k = 50: 114 B).", ""]
+        lines += headtail_measure(str(smollm2_dir()), args.conversations, work)
+        (ROOT / "bench" / "results" / "cache_bytes_headtail.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        if args.headtail_only:
+            merge_results()
+            return
     teachers = {}
     from kdship.tiny import build_tiny_llama
 

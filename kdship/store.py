@@ -1,4 +1,4 @@
-"""The teacher store, format v1: the one definition that the cache writer and every reader import.
+"""The teacher store, format v2: the one definition that the cache writer and every reader import.
 
 A store is a Zarr v3 group (a local folder or an fsspec URL) documented in ``cache/FORMAT.md``::
 
@@ -10,6 +10,19 @@ A store is a Zarr v3 group (a local folder or an fsspec URL) documented in ``cac
         sample_index  int64 [S]       the input row each sample came from
         sample_hash   uint8 [S, 16]   blake2b-128 of the sample's int32 tokens (joins with data)
         loss_mask     bool  [T]       positions the student is trained on (response / all text)
+        targets "headtail" (default):
+        target_ids      int32 [T, H+N]  row j: the teacher's top-h ids for token j given tokens < j and
+                                        the distinct ids drawn from its residual distribution, merged,
+                                        ascending (-1 pad at the end)
+        target_logprobs f32   [T, H+N]  their teacher log-probabilities
+        target_counts   uint8 [T, H+N]  0 = exact head entry; c > 0 = drawn c of the N times
+        token_logprob   f32   [T]       the teacher's logprob of the data token tokens[j] (0 when the
+                                        token is in the head: its logprob is there)
+        rest_logmass    f32   [T]       log(1 - mass of the head and the data token): the residual
+        beyond_logmass  f32   [T]       log of the residual mass outside the backend's top-K' candidates
+                                        (never drawn; -16 = none, e.g. --backend hf): the trainer's
+                                        "beyond" bucket
+        targets "topk" / "sampled" (v1):
         topk_ids      int32 [T, K]    row j: teacher's top-k ids for token j given tokens < j
         topk_logprobs f32   [T, K]    their log-probabilities, sorted descending; -inf / id -1 pad
         target_weights f32  [T, K]    only in ``targets: sampled`` stores: empirical weight count/N
@@ -43,27 +56,56 @@ from kdship import __version__
 # implementations may lack it is documented in cache/FORMAT.md, not repeated on every open.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # v1 stores (topk / sampled targets) read unchanged
 HEADER_ATTR = "kdship"
 SHARDS_GROUP = "shards"
 REJECTS_FILE = "rejects.jsonl"
 LOCK_FILE = ".kdship.lock"
 
-# Fixed array names and dtypes: other tools rely on them (cache/FORMAT.md).
-ARRAY_DTYPES: dict[str, str] = {
+# Fixed array names and dtypes: other tools rely on them (cache/FORMAT.md). Every store has these:
+BASE_ARRAY_DTYPES: dict[str, str] = {
     "tokens": "int32",
     "offsets": "int64",
     "sample_index": "int64",
     "sample_hash": "uint8",
     "loss_mask": "bool",
-    "topk_ids": "int32",
-    "topk_logprobs": "float32",
 }
-# Arrays that exist only in some stores: ``target_weights`` in ``targets: "sampled"`` stores
-# (random-sampling KD): the weight of each stored id = times drawn / draws; 0 for padding.
-OPTIONAL_ARRAY_DTYPES: dict[str, str] = {"target_weights": "float32"}
+# ... and the target arrays of its ``targets`` kind:
+#  headtail  the exact top-h head + distinct draws from the teacher's *residual* distribution (beyond
+#            the head and the data token), their counts, the data token's logprob and the exact
+#            rest mass: an unbiased sparse estimate of the whole distribution (the default)
+#  topk      the top-k ids and logprobs (v1's default)
+#  sampled   distinct draws from the whole distribution with weights count/N (v1)
+TARGET_ARRAY_DTYPES: dict[str, dict[str, str]] = {
+    "headtail": {
+        "target_ids": "int32",
+        "target_logprobs": "float32",
+        "target_counts": "uint8",
+        "token_logprob": "float32",
+        "rest_logmass": "float32",
+        "beyond_logmass": "float32",
+    },
+    "topk": {"topk_ids": "int32", "topk_logprobs": "float32"},
+    "sampled": {"topk_ids": "int32", "topk_logprobs": "float32", "target_weights": "float32"},
+}
+TARGET_KINDS = tuple(TARGET_ARRAY_DTYPES)
+ARRAY_DTYPES: dict[str, str] = {**BASE_ARRAY_DTYPES, **TARGET_ARRAY_DTYPES["topk"]}  # a top-k store's arrays
 HASH_BYTES = 16
 NO_TARGET_ID = -1  # with logprob -inf: row 0 of a sample, prompt rows that were not scored
+
+# headtail encoding (bench/cache_bytes.py measured the alternatives): ids sorted ascending within a
+# row and delta-coded (numcodecs Delta over the row-major chunk), as uint16 when the vocabulary fits
+# (padding 65535): ~1.5 B per id; logprobs and the data token's logprob as fixed-point int16
+# (numcodecs FixedScaleOffset, 1/512 nat steps: |error| <= 9.8e-4 nat, every probability within 0.1 %
+# of its value; below -32 nat clamped to -32, i.e. p < 1.3e-14); log(rest mass) at 1/2048 nat steps
+# (the rest mass within 0.025 % of its value, floor -16 nat: absolute error < 1.2e-7 below it).
+LOGPROB_SCALE = 512
+LOGPROB_FLOOR = -32.0
+REST_SCALE = 2048
+REST_FLOOR = -16.0
+HEADTAIL_CLEVEL = 9  # the arrays are small; zstd 9 saved ~2 % over 5 at no measurable write cost
+UINT16_PAD = 65535
 
 # Positions per chunk along T. Each array of a shard is one zarr "shard" file holding its chunks,
 # so a store has a handful of files per shard group, and a reader can still decode chunk by chunk.
@@ -93,10 +135,8 @@ SETTINGS_KEYS = (
 # Teacher fields compared on resume: where the teacher lives may change, what it is may not.
 TEACHER_IDENTITY_KEYS = ("weights_sha256", "vocab_size", "tokenizer_sha256", "chat_template_sha256")
 
-# Lossy encoding of topk_logprobs. BitRound keeps this many explicit mantissa bits of each float32
-# (relative error <= 2**-(bits+1)); -inf survives. The decoded values come back as float32 through
-# zarr's own codec pipeline: a plain zarr.open(...)[...] gives them. The resulting KL error between
-# the exact and the decoded top-k distributions is measured in bench/ and documented in FORMAT.md.
+# Lossy encoding of topk_logprobs (topk / sampled stores). BitRound keeps this many explicit mantissa
+# bits of each float32 (relative error <= 2**-(bits+1)); -inf survives.
 LOGPROB_MANTISSA_BITS = 5
 
 
@@ -104,19 +144,45 @@ class StoreError(RuntimeError):
     """A store that cannot be read or written as asked; the message names the store and the part."""
 
 
+def target_width(header: dict[str, Any]) -> int:
+    """Columns of the [T, K] target arrays: top_k, or head + draws for headtail stores."""
+    k = int(header["top_k"])
+    if header.get("targets") == "headtail":
+        k += int(header["target_sampling"]["draws"])
+    return k
+
+
 @dataclass
 class Shard:
-    """One shard's arrays, decoded. ``sample_hash`` is filled in by ``Shard.build``."""
+    """One shard's arrays, decoded.
+
+    ``topk_ids`` / ``topk_logprobs`` / ``target_weights`` are what the trainer reads: for topk and
+    sampled stores the stored arrays; for headtail stores a view derived from the stored ones by
+    ``headtail_view`` (the exact entries with weight p, the draws with weight rest * count / draws, the
+    data token appended when it is outside the head). An estimate of E_p[f] is sum_i w_i f(id_i) / p_i.
+    """
 
     tokens: np.ndarray
     offsets: np.ndarray
     sample_index: np.ndarray
     loss_mask: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
     sample_hash: np.ndarray = field(default=None)  # type: ignore[assignment]
-    # [T, K] float32, only for ``targets: sampled`` stores (count / draws per stored id); else None
     target_weights: np.ndarray | None = None
+    # headtail arrays (None in other stores)
+    target_ids: np.ndarray | None = None
+    target_logprobs: np.ndarray | None = None
+    target_counts: np.ndarray | None = None
+    token_logprob: np.ndarray | None = None
+    rest_logmass: np.ndarray | None = None
+    beyond_logmass: np.ndarray | None = None
+
+    @property
+    def targets(self) -> str:
+        if self.target_ids is not None:
+            return "headtail"
+        return "sampled" if self.target_weights is not None else "topk"
 
     @property
     def num_samples(self) -> int:
@@ -127,8 +193,10 @@ class Shard:
         return int(self.offsets[-1])
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
-        """One sample's slices; ``target_weights`` is included only in sampled-target stores."""
+        """One sample's slices of the training view (+ ``target_weights`` for sampled / headtail)."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self.topk_ids is None:
+            self.headtail_view()
         out = {
             "tokens": self.tokens[a:b],
             "loss_mask": self.loss_mask[a:b],
@@ -140,58 +208,97 @@ class Shard:
             out["target_weights"] = self.target_weights[a:b]
         return out
 
+    def headtail_view(self) -> "Shard":
+        """Fill topk_ids / topk_logprobs / target_weights [T, K+1] from the headtail arrays.
+
+        Columns: the K stored entries, then the data token (tokens[j]) when it is outside the head.
+        Weights: exact (count 0) entries p_i; drawn entries (R - B) * count_i / sum(count) with R the
+        stored rest mass and B the mass beyond the backend's candidates (the draws estimate the
+        candidates' share of the residual). Rows sum to 1 - B up to the encoding; the loss gives the
+        missing B to one bucket (``kdship.train.losses``).
+        """
+        ids, lps, cnt = self.target_ids, self.target_logprobs.astype(np.float64), self.target_counts
+        T = len(ids)
+        valid = ids >= 0
+        exact = valid & (cnt == 0)
+        drawn = valid & (cnt > 0)
+        n_draws = cnt.sum(1, dtype=np.int64)
+        rest = np.exp(self.rest_logmass.astype(np.float64))
+        if self.beyond_logmass is not None:  # at or below the encoding's floor: nothing beyond
+            bl = self.beyond_logmass.astype(np.float64)
+            rest = np.maximum(rest - np.where(bl > REST_FLOOR, np.exp(bl), 0.0), 0.0)
+        w = np.where(exact, np.exp(lps), 0.0)
+        w += np.where(drawn, (rest / np.maximum(n_draws, 1))[:, None] * cnt, 0.0)
+        tok = self.tokens.astype(np.int64)
+        tok_in_head = (exact & (ids == tok[:, None])).any(1)
+        has = valid.any(1)
+        tok_col = has & ~tok_in_head
+        self.topk_ids = np.concatenate([ids, np.where(tok_col, tok, NO_TARGET_ID)[:, None]], 1).astype(np.int32)
+        lp_all = np.concatenate([np.where(valid, lps, -np.inf), np.where(tok_col, self.token_logprob, -np.inf)[:, None]], 1)
+        self.topk_logprobs = lp_all.astype(np.float32)
+        w_tok = np.where(tok_col, np.exp(self.token_logprob.astype(np.float64)), 0.0)
+        self.target_weights = np.concatenate([w, w_tok[:, None]], 1).astype(np.float32)
+        assert self.topk_ids.shape == (T, ids.shape[1] + 1)
+        return self
+
     @classmethod
-    def build(cls, samples: list[dict[str, Any]], top_k: int, with_target_weights: bool = False) -> "Shard":
-        """Concatenate per-sample dicts (tokens, loss_mask, topk_ids, topk_logprobs, sample_index
-        and, when ``with_target_weights``, target_weights)."""
+    def build(cls, samples: list[dict[str, Any]], top_k: int, with_target_weights: bool = False, targets: str | None = None) -> "Shard":
+        """Concatenate per-sample dicts: tokens, loss_mask, sample_index and the target arrays of the
+        kind (``targets``; default "sampled" if ``with_target_weights`` else "topk"); ``top_k`` is the
+        [T, K] arrays' width (``target_width`` of the header)."""
+        kind = targets or ("sampled" if with_target_weights else "topk")
+        if kind not in TARGET_KINDS:
+            raise StoreError(f"unknown target kind {kind!r}; known: {', '.join(TARGET_KINDS)}")
         lengths = [len(s["tokens"]) for s in samples]
         offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lengths) if samples else []
-        if samples:
-            tokens = np.concatenate([np.asarray(s["tokens"], dtype=np.int32) for s in samples])
-            loss_mask = np.concatenate([np.asarray(s["loss_mask"], dtype=bool) for s in samples])
-            ids = np.concatenate([np.asarray(s["topk_ids"], dtype=np.int32).reshape(-1, top_k) for s in samples])
-            lps = np.concatenate([np.asarray(s["topk_logprobs"], dtype=np.float32).reshape(-1, top_k) for s in samples])
-        else:
-            tokens = np.zeros(0, np.int32)
-            loss_mask = np.zeros(0, bool)
-            ids = np.zeros((0, top_k), np.int32)
-            lps = np.zeros((0, top_k), np.float32)
-        shard = cls(
-            tokens=tokens,
-            offsets=offsets,
-            sample_index=np.asarray([s["sample_index"] for s in samples], dtype=np.int64),
-            loss_mask=loss_mask,
-            topk_ids=ids,
-            topk_logprobs=lps,
-        )
-        if with_target_weights:
-            shard.target_weights = (
-                np.concatenate([np.asarray(s["target_weights"], dtype=np.float32).reshape(-1, top_k) for s in samples])
-                if samples
-                else np.zeros((0, top_k), np.float32)
-            )
+
+        def cat(name: str, dtype: str, width: int | None) -> np.ndarray:
+            shape = (-1, width) if width else (-1,)
+            if not samples:
+                return np.zeros((0, width) if width else (0,), dtype)
+            return np.concatenate([np.asarray(s[name], dtype=dtype).reshape(shape) for s in samples])
+
+        arrays: dict[str, Any] = {
+            "tokens": cat("tokens", "int32", None),
+            "loss_mask": cat("loss_mask", "bool", None),
+        }
+        for name, dtype in TARGET_ARRAY_DTYPES[kind].items():
+            if name == "beyond_logmass" and samples and name not in samples[0]:  # nothing beyond: hf backend, tests
+                arrays[name] = np.full(len(arrays["tokens"]), -np.inf, np.float32)
+                continue
+            arrays[name] = cat(name, dtype, None if name in _ROW_ARRAYS else top_k)
+        shard = cls(offsets=offsets, sample_index=np.asarray([s["sample_index"] for s in samples], dtype=np.int64), **arrays)
         shard.sample_hash = np.stack([sample_hash(shard.tokens[offsets[i] : offsets[i + 1]]) for i in range(len(samples))]) if samples else np.zeros((0, HASH_BYTES), np.uint8)
         shard.validate(top_k)
         return shard
 
+    def has_target(self) -> np.ndarray:
+        """[T] bool: rows that hold a teacher target (not row 0, not unscored prompt rows)."""
+        ids = self.target_ids if self.target_ids is not None else self.topk_ids
+        return ids[:, 0] >= 0 if ids.shape[1] else np.zeros(len(ids), bool)
+
+    def stored_arrays(self) -> dict[str, str]:
+        """Name -> dtype of the arrays this shard writes (and its checksum covers), in order."""
+        return {**BASE_ARRAY_DTYPES, **TARGET_ARRAY_DTYPES[self.targets]}
+
     def validate(self, top_k: int) -> None:
         T, S = self.num_positions, self.num_samples
-        expect = {
-            "tokens": (T,),
-            "offsets": (S + 1,),
-            "sample_index": (S,),
-            "sample_hash": (S, HASH_BYTES),
-            "loss_mask": (T,),
-            "topk_ids": (T, top_k),
-            "topk_logprobs": (T, top_k),
-        }
-        if self.target_weights is not None:
-            expect["target_weights"] = (T, top_k)
+        expect = {"tokens": (T,), "offsets": (S + 1,), "sample_index": (S,), "sample_hash": (S, HASH_BYTES), "loss_mask": (T,)}
+        for name in TARGET_ARRAY_DTYPES[self.targets]:
+            expect[name] = (T,) if name in _ROW_ARRAYS else (T, top_k)
         for name, shape in expect.items():
             arr = getattr(self, name)
-            if tuple(arr.shape) != shape:
-                raise StoreError(f"shard array {name!r} has shape {tuple(arr.shape)}, expected {shape}")
+            if arr is None or tuple(arr.shape) != shape:
+                raise StoreError(f"shard array {name!r} has shape {None if arr is None else tuple(arr.shape)}, expected {shape}")
+        if self.targets == "headtail":
+            ids = self.target_ids
+            valid = ids >= 0
+            # padding only at the end of a row, ids ascending and distinct before it
+            if (valid[:, 1:] & ~valid[:, :-1]).any():
+                raise StoreError("headtail target_ids: padding (-1) must come after a row's ids")
+            if ((np.diff(ids, axis=1) <= 0) & valid[:, 1:]).any():
+                raise StoreError("headtail target_ids: each row's ids must be distinct and ascending")
 
 
 def sample_hash(tokens: np.ndarray) -> np.ndarray:
@@ -203,20 +310,12 @@ def sample_hash(tokens: np.ndarray) -> np.ndarray:
 def shard_checksum(shard: Shard) -> str:
     """sha256 over the decoded arrays in a fixed order (little-endian bytes)."""
     h = hashlib.sha256()
-    for name, dtype in _present_arrays(shard).items():
+    for name, dtype in shard.stored_arrays().items():
         arr = np.ascontiguousarray(getattr(shard, name), dtype=np.dtype(dtype).newbyteorder("<"))
         h.update(name.encode())
         h.update(str(arr.shape).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def _present_arrays(shard: Shard) -> dict[str, str]:
-    out = dict(ARRAY_DTYPES)
-    for name, dtype in OPTIONAL_ARRAY_DTYPES.items():
-        if getattr(shard, name) is not None:
-            out[name] = dtype
-    return out
 
 
 def shard_path(index: int) -> str:
@@ -227,8 +326,45 @@ def shard_index_of(path: str) -> int:
     return int(path.rsplit("/s", 1)[1])
 
 
-def default_encoding() -> dict[str, Any]:
+def default_encoding(targets: str = "topk", vocab_size: int | None = None) -> dict[str, Any]:
+    """The header's ``encoding`` for a new store of the given target kind (cache/FORMAT.md)."""
+    if targets == "headtail":
+        small = vocab_size is not None and vocab_size < UINT16_PAD
+        return {
+            "target_ids": {"order": "ascending", "filter": "delta", "dtype": "uint16" if small else "int32", "pad": UINT16_PAD if small else NO_TARGET_ID},
+            "logprobs": {"fixed_scale": LOGPROB_SCALE, "dtype": "int16", "floor": LOGPROB_FLOOR},
+            "rest_logmass": {"fixed_scale": REST_SCALE, "dtype": "int16", "floor": REST_FLOOR},
+            "compressor": f"blosc-zstd-{HEADTAIL_CLEVEL}",
+            "clevel": HEADTAIL_CLEVEL,
+        }
     return {"topk_logprobs": {"bitround_keepbits": LOGPROB_MANTISSA_BITS}, "compressor": "blosc-zstd-bitshuffle-5"}
+
+
+# headtail arrays stored as fixed-point logprobs (float32 at the zarr level, int16 inside) -> their spec
+_FIXED_POINT_ARRAYS = {"target_logprobs": "logprobs", "token_logprob": "logprobs", "rest_logmass": "rest_logmass", "beyond_logmass": "rest_logmass"}
+# [T] arrays of a target kind (the others are [T, K])
+_ROW_ARRAYS = ("token_logprob", "rest_logmass", "beyond_logmass")
+
+
+def encode_for_write(name: str, data: np.ndarray, encoding: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The array as it is handed to zarr (physical dtype), e.g. headtail ids as uint16 with padding
+    65535, fixed-point logprobs clamped to the floor with padding 0. Inverse: ``decode_after_read``."""
+    if name == "target_ids":
+        spec = encoding["target_ids"]
+        if spec["dtype"] == "uint16":
+            return np.where(data < 0, UINT16_PAD, data).astype(np.uint16), "uint16"
+        return data.astype(np.int32), "int32"
+    if name in _FIXED_POINT_ARRAYS and _FIXED_POINT_ARRAYS[name] in encoding:
+        floor = float(encoding[_FIXED_POINT_ARRAYS[name]]["floor"])
+        x = np.where(np.isfinite(data), np.clip(data, floor, 0.0), np.where(data > 0, 0.0, floor if name in ("rest_logmass", "beyond_logmass") else 0.0))
+        return x.astype(np.float32), "float32"
+    return data, str(data.dtype)
+
+
+def decode_after_read(name: str, arr: np.ndarray) -> np.ndarray:
+    if name == "target_ids" and arr.dtype == np.uint16:
+        return np.where(arr == UINT16_PAD, NO_TARGET_ID, arr.astype(np.int32)).astype(np.int32)
+    return arr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,18 +407,22 @@ def _compressor(clevel: int = 5, shuffle: str = "bitshuffle") -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=clevel, shuffle=BloscShuffle.bitshuffle if shuffle == "bitshuffle" else BloscShuffle.shuffle)
 
 
-def _array_codec_kwargs(name: str, encoding: dict[str, Any]) -> dict[str, Any]:
+def _array_codec_kwargs(name: str, encoding: dict[str, Any], dtype: str = "int32") -> dict[str, Any]:
     """Codecs of one array from the header's ``encoding`` (only standard zarr / numcodecs codecs, so
     a plain ``zarr.open`` decodes everything):
 
-    * ``compressor``: blosc zstd with bit-shuffle (``clevel`` from ``encoding["clevel"]``, default 5);
+    * ``compressor``: blosc zstd (``clevel`` from ``encoding["clevel"]``, default 5), bit-shuffle except
+      for delta-coded ids (byte-shuffle measured smaller there);
     * ``topk_logprobs.bitround_keepbits``: numcodecs BitRound filter (lossy; -inf survives);
-    * ``transpose_topk``: the zarr ``transpose`` codec stores [T, K] arrays column-major, so that
-      rank-j values of neighbouring positions sit together (they compress far better).
+    * headtail: ``target_ids`` numcodecs Delta (rows sorted ascending, so deltas are small); the
+      fixed-point logprob arrays numcodecs FixedScaleOffset (float32 <-> int16, 1/scale nat steps);
+    * ``transpose_topk``: the zarr ``transpose`` codec stores [T, K] arrays column-major.
     """
+    from zarr.codecs import numcodecs as ncz
+
     clevel = int(encoding.get("clevel", 5))
-    kw: dict[str, Any] = {"compressors": [_compressor(clevel)]}
     filters: list[Any] = []
+    shuffle = "bitshuffle"
     if name in ("topk_ids", "topk_logprobs", "target_weights") and encoding.get("transpose_topk"):
         from zarr.codecs import TransposeCodec
 
@@ -290,9 +430,14 @@ def _array_codec_kwargs(name: str, encoding: dict[str, Any]) -> dict[str, Any]:
     if name == "topk_logprobs":
         bits = encoding.get("topk_logprobs", {}).get("bitround_keepbits")
         if bits is not None:
-            from zarr.codecs.numcodecs import BitRound
-
-            filters.append(BitRound(keepbits=int(bits)))
+            filters.append(ncz.BitRound(keepbits=int(bits)))
+    if name == "target_ids" and encoding.get("target_ids", {}).get("filter") == "delta":
+        filters.append(ncz.Delta(dtype=dtype))
+        shuffle = "shuffle"
+    if name in _FIXED_POINT_ARRAYS and _FIXED_POINT_ARRAYS[name] in encoding:
+        spec = encoding[_FIXED_POINT_ARRAYS[name]]
+        filters.append(ncz.FixedScaleOffset(offset=0, scale=int(spec["fixed_scale"]), dtype="<f4", astype="<i2"))
+    kw: dict[str, Any] = {"compressors": [_compressor(clevel, shuffle)]}
     if filters:
         kw["filters"] = filters
     return kw
@@ -303,8 +448,11 @@ def _read_header(root: zarr.Group, url: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise StoreError(f"{url}: not a kdship store (root attribute {HEADER_ATTR!r} missing)")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{url}: store format_version {version!r}, this kdship reads {FORMAT_VERSION}")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise StoreError(
+            f"{url}: store format_version {version!r}; this kdship ({__version__}) reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (cache/FORMAT.md). Re-cache it with this kdship."
+        )
     return dict(header)
 
 
@@ -325,8 +473,8 @@ class StoreWriter:
         self.url = str(url)
         header = dict(header)
         header["format_version"] = FORMAT_VERSION
-        header.setdefault("encoding", default_encoding())
-        self.top_k = int(header["top_k"])
+        header.setdefault("encoding", default_encoding(header.get("targets") or "topk", (header.get("teacher") or {}).get("vocab_size")))
+        self.top_k = target_width(header)
         self.encoding = header["encoding"]
         fs, path = _fs(self.url)
         self._fs, self._path = fs, path.rstrip("/")
@@ -400,8 +548,8 @@ class StoreWriter:
         if name in shards:  # leftovers of a killed run: never committed, so redo from scratch
             del shards[name]
         g = shards.create_group(name)
-        for arr_name, dtype in _present_arrays(shard).items():
-            data = np.asarray(getattr(shard, arr_name), dtype=dtype)
+        for arr_name, dtype in shard.stored_arrays().items():
+            data, dtype = encode_for_write(arr_name, np.asarray(getattr(shard, arr_name), dtype=dtype), self.encoding)
             chunks = (CHUNK_POSITIONS,) + data.shape[1:] if data.ndim else data.shape
             chunks = tuple(max(1, c) for c in chunks)
             n_chunks = max(1, -(-data.shape[0] // chunks[0]))
@@ -413,7 +561,7 @@ class StoreWriter:
                 chunks=chunks,
                 shards=shards_shape,
                 fill_value=0,
-                **_array_codec_kwargs(arr_name, self.encoding),
+                **_array_codec_kwargs(arr_name, self.encoding, dtype),
             )
             if data.size:
                 a[...] = data
@@ -484,10 +632,10 @@ def _canon(v: Any) -> str:
 
 
 def read_shard_arrays(g: zarr.Group) -> Shard:
-    arrays = {name: np.asarray(g[name][...]) for name in ARRAY_DTYPES}
-    for name in OPTIONAL_ARRAY_DTYPES:
-        arrays[name] = np.asarray(g[name][...]) if name in g else None
-    return Shard(**arrays)
+    """A shard group's stored arrays, decoded (the kind is told by which target arrays exist)."""
+    kind = "headtail" if "target_ids" in g else ("sampled" if "target_weights" in g else "topk")
+    names = {**BASE_ARRAY_DTYPES, **TARGET_ARRAY_DTYPES[kind]}
+    return Shard(**{name: decode_after_read(name, np.asarray(g[name][...])) for name in names})
 
 
 class StoreReader:
@@ -513,8 +661,13 @@ class StoreReader:
 
     @property
     def targets(self) -> str:
-        """"topk" or "sampled" (then every Shard has ``target_weights``)."""
+        """"headtail", "topk" or "sampled" (with headtail and sampled every Shard has ``target_weights``)."""
         return str(self.header.get("targets") or "topk")
+
+    @property
+    def target_width(self) -> int:
+        """K of the stored [T, K] target arrays (the trainer's view adds one column for headtail)."""
+        return target_width(self.header)
 
     @property
     def complete(self) -> bool:
@@ -534,6 +687,8 @@ class StoreReader:
             if want != got:
                 raise StoreError(f"{self.url}: shard {path} fails its checksum (stored {want}, computed {got}); the store is corrupt")
             self._verified.add(path)
+        if shard.targets == "headtail":
+            shard.headtail_view()
         return shard
 
     def iter_shards(self) -> Iterator[tuple[str, Shard]]:

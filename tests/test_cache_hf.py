@@ -38,7 +38,7 @@ def hf_be(tiny_teacher):
 @pytest.fixture(scope="module")
 def hf_store(tmp_path_factory, tiny_teacher, corpus_dir):
     out = tmp_path_factory.mktemp("hf") / "store"
-    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=16, shard_size=4, progress=False)
+    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", targets="topk", top_k=16, shard_size=4, progress=False)
     return out, summary
 
 
@@ -145,7 +145,7 @@ def test_sampled_targets_exact_with_hf(tmp_path, tiny_teacher, corpus_dir):
 
 def test_topk_store_has_no_weights_and_file_url_and_config(tmp_path, tiny_teacher, corpus_dir):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("backend: hf\ntop_k: 8\nshard_size: 7\nmax_length: 64\n")
+    cfg.write_text("backend: hf\ntargets: topk\ntop_k: 8\nshard_size: 7\nmax_length: 64\n")
     url = "file://" + str(tmp_path / "viaurl")
     res = runner.invoke(app, ["cache", str(tiny_teacher), str(corpus_dir / "text.jsonl"), "--out", url, "--config", str(cfg), "--top-k", "4", "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
@@ -167,7 +167,7 @@ def test_topk_store_has_no_weights_and_file_url_and_config(tmp_path, tiny_teache
 
 
 def test_generate_hf_reproducible_and_masked(tmp_path, tiny_teacher, corpus_dir, hf_be):
-    kw = dict(backend="hf", mode="generate", samples=2, max_new_tokens=6, top_k=8, seed=5, temperature=1.0, progress=False, teacher_backend=hf_be)
+    kw = dict(backend="hf", mode="generate", targets="topk", samples=2, max_new_tokens=6, top_k=8, seed=5, temperature=1.0, progress=False, teacher_backend=hf_be)
     cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "g1"), shard_size=4, **kw)
     cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "g2"), shard_size=4, **kw)
     a = list(StoreReader(str(tmp_path / "g1")).iter_samples())
@@ -219,7 +219,7 @@ def test_format_md_example_reads_a_store_without_kdship(hf_store, tmp_path):
     code = re.search(r"## Reading a store without kdship\s+```python\n(.*?)```", md, re.S).group(1)
     assert "kdship" not in "".join(line for line in code.splitlines() if "import" in line)
     out, _ = hf_store
-    code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(len(hdr['complete_shards']), probs.shape)\n"
+    code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(len(hdr['complete_shards']), ids.shape)\n"
     # -I: isolated mode, so the repository (and kdship) is not importable from the cwd
     res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -76,8 +76,8 @@ def test_vllm_scores_match_transformers_and_hf_backend(vbackend, hf_model, tiny_
 
 def test_vllm_and_hf_stores_agree(tmp_path, vbackend, tiny_teacher, corpus_dir):
     data = str(corpus_dir / "pairs.jsonl")
-    a = cache(str(tiny_teacher), data, str(tmp_path / "v"), backend="vllm", top_k=16, progress=False)
-    b = cache(str(tiny_teacher), data, str(tmp_path / "h"), backend="hf", top_k=16, progress=False)
+    a = cache(str(tiny_teacher), data, str(tmp_path / "v"), backend="vllm", targets="topk", top_k=16, progress=False)
+    b = cache(str(tiny_teacher), data, str(tmp_path / "h"), backend="hf", targets="topk", top_k=16, progress=False)
     assert a["positions"] == b["positions"] > 0
     for x, y in zip(StoreReader(str(tmp_path / "v")).iter_samples(), StoreReader(str(tmp_path / "h")).iter_samples()):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
@@ -123,7 +123,7 @@ def test_pitfall_prefix_caching_off(vbackend, tiny_teacher, corpus_dir):
 
 
 def test_vllm_generate_mode(tmp_path, vbackend, hf_model, tiny_teacher, corpus_dir):
-    kw = dict(mode="generate", samples=2, max_new_tokens=6, top_k=8, seed=11, temperature=0.7, shard_size=10, progress=False)
+    kw = dict(mode="generate", targets="topk", samples=2, max_new_tokens=6, top_k=8, seed=11, temperature=0.7, shard_size=10, progress=False)
     s = cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "g"), **kw)
     assert s["samples"] == 20 and s["generated_tokens"] > 0
     cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "g2"), **kw)
@@ -148,6 +148,20 @@ def test_vllm_sampled_targets(tmp_path, vbackend, tiny_teacher, corpus_dir):
     has = sh.topk_ids[:, 0] >= 0
     np.testing.assert_allclose(sh.target_weights[has].sum(1), 1.0, atol=1e-6)
     assert s["targeted_positions"] > 0
+
+
+def test_vllm_headtail_store_matches_transformers_forward(tmp_path, vbackend, tiny_teacher, corpus_dir):
+    """The default targets through the real engine: head, logprobs, data token and rest mass (<= 1e-3)
+    against a transformers forward; with K' below the vocabulary the never-drawn mass is reported."""
+    from test_headtail import check_against_forward
+
+    s = cache(str(tiny_teacher), str(corpus_dir / "text.jsonl"), str(tmp_path / "ht"), progress=False)
+    assert s["targets"] == "headtail" and s["complete"] and s["missing_mass"] == 0.0  # K' = 1024 >= vocab 512
+    assert check_against_forward(tmp_path / "ht", str(tiny_teacher), head=4, draws=8) <= 1e-3
+    s = cache(str(tiny_teacher), str(corpus_dir / "text.jsonl"), str(tmp_path / "ht64"), sampled_candidates=64, progress=False)
+    assert 0.0 < s["missing_mass"] < 1.0
+    assert check_against_forward(tmp_path / "ht64", str(tiny_teacher), head=4, draws=8, candidates=64) <= 1e-3
+    assert StoreReader(str(tmp_path / "ht64")).header["target_sampling"]["candidates"] == 64
 
 
 def test_engine_calls_bounded_by_entries_give_the_same_store(tmp_path, vbackend, tiny_teacher, corpus_dir, monkeypatch):

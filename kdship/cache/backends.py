@@ -28,6 +28,8 @@ class Generation:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     finish_reason: str = "length"
+    # [G] the raw teacher logprob of each generated token (None: the backend does not report it)
+    token_logprobs: np.ndarray | None = None
 
 
 class TeacherBackend:
@@ -38,8 +40,10 @@ class TeacherBackend:
     def vocab_size(self) -> int:
         raise NotImplementedError
 
-    def score(self, sequences: list[list[int]], top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Teacher-forced top-k for every row of every sequence: ([L, K] int32 ids, [L, K] float32)."""
+    def score(self, sequences: list[list[int]], top_k: int, with_token_logprobs: bool = False) -> list[tuple]:
+        """Teacher-forced top-k for every row of every sequence: ([L, K] int32 ids, [L, K] float32);
+        with ``with_token_logprobs`` a third item [L] float32: the logprob of the sequence's own token
+        at each row (row 0: NaN), whether or not it is in the top-k."""
         raise NotImplementedError
 
     def generate(

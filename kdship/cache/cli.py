@@ -16,9 +16,10 @@ def cache_command(
     out: str = typer.Option(None, "--out", "-o", help="Store: a folder or an fsspec URL (default cache/<data name>.zarr)."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags given here override it."),
     mode: Optional[str] = typer.Option(None, help="score (teacher-forced top-k over prompt+response) | generate (teacher samples responses)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Targets per position (default 32)."),
-    targets: Optional[str] = typer.Option(None, help="topk (default) | sampled (N=top-k draws from the teacher, distinct ids + count/N weights)."),
-    sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help="vLLM only, --targets sampled: draw from the renormalised top-K' (default 1024; 4096 is closer to exact, slower)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="headtail: the exact head h (default 4); topk: k (default 32); sampled: the draws N (default 32)."),
+    targets: Optional[str] = typer.Option(None, help="headtail (default: exact top-h head + data token + exact rest mass + --draws draws from the residual; unbiased) | topk | sampled (v1 random-sampling KD)."),
+    draws: Optional[int] = typer.Option(None, "--draws", help="headtail: tokens drawn per position from the teacher's residual distribution (default 8, at most 255)."),
+    sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help="vLLM only, headtail / sampled: draw from the top-K' candidates (default 1024); --backend hf draws exactly."),
     backend: Optional[str] = typer.Option(None, help="vllm (default) | hf (plain transformers, the reference) | openai (--teacher-url)."),
     teacher_url: Optional[str] = typer.Option(None, "--teacher-url", help="OpenAI-compatible endpoint for --backend openai (TEACHER then only needs its tokenizer)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KDSHIP_TEACHER_API_KEY", help="API key for --teacher-url (or $KDSHIP_TEACHER_API_KEY)."),
@@ -46,14 +47,14 @@ def cache_command(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Run the teacher once over DATA and write its top-k next-token distributions to a Zarr store."""
+    """Run the teacher once over DATA and write its next-token distributions (sparse targets) to a Zarr store."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: seconds, not a minute
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the summary (--json)
     from kdship.cache.run import DEFAULTS, CacheError, cache
     from kdship.config import ConfigError, resolve
 
     flags = dict(
-        mode=mode, top_k=top_k, targets=targets, sampled_candidates=sampled_candidates, backend=backend, teacher_url=teacher_url, api_key=api_key,
+        mode=mode, top_k=top_k, targets=targets, draws=draws, sampled_candidates=sampled_candidates, backend=backend, teacher_url=teacher_url, api_key=api_key,
         samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_length=max_length,
         overflow=overflow, shard_size=shard_size, shard_positions=shard_positions, resume=resume, overwrite=overwrite, skip_bad=skip_bad, num_shards=num_shards,
         shard_index=shard_index, tensor_parallel_size=tensor_parallel_size, filter=filter, min_new_tokens=min_new_tokens,
@@ -81,7 +82,8 @@ def cache_command(
         f"({summary['targeted_positions']} targeted), k={summary['top_k']}, "
         f"{summary['shards_written']} shards written, {summary['shards_skipped']} already committed, "
         f"{summary['rejects_this_run']} rejects {summary['rejects_by_reason'] or ''}, "
-        f"{summary['positions_per_second']} positions/s, complete={summary['complete']}"
+        + (f"residual mass beyond the candidates {summary['missing_mass']:.4f}/row, " if summary.get("missing_mass") is not None else "")
+        + f"{summary['positions_per_second']} positions/s, complete={summary['complete']}"
     )
 
 

@@ -46,7 +46,7 @@ class HFBackend(TeacherBackend):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def score(self, sequences, top_k):
+    def score(self, sequences, top_k, with_token_logprobs=False):
         torch = self.torch
         out: list = [None] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -59,6 +59,12 @@ class HFBackend(TeacherBackend):
                 j += 1
             idx = order[i:j]
             lp = self._logprobs([list(map(int, sequences[t])) for t in idx])
+            own = None
+            if with_token_logprobs:  # logprob of token j at row j: lp[j-1] gathered at token j
+                nxt = torch.zeros(lp.shape[:2], dtype=torch.long)
+                for b, t in enumerate(idx):
+                    nxt[b, : len(sequences[t]) - 1] = torch.as_tensor(list(map(int, sequences[t][1:])))
+                own = torch.gather(lp, 2, nxt[..., None].to(lp.device))[..., 0].cpu().numpy()
             vals, tops = torch.topk(lp, k, dim=-1, sorted=True)
             vals, tops = vals.cpu().numpy(), tops.cpu().numpy()
             for b, t in enumerate(idx):
@@ -67,7 +73,12 @@ class HFBackend(TeacherBackend):
                 lps = np.full((L, top_k), -np.inf, np.float32)
                 ids[1:, :k] = tops[b, : L - 1]
                 lps[1:, :k] = vals[b, : L - 1]
-                out[t] = (ids, lps)
+                if own is None:
+                    out[t] = (ids, lps)
+                else:
+                    tl = np.full(L, np.nan, np.float32)
+                    tl[1:] = own[b, : L - 1]
+                    out[t] = (ids, lps, tl)
             i = j
         return out
 
@@ -82,7 +93,7 @@ class HFBackend(TeacherBackend):
                 g = torch.Generator(device="cpu").manual_seed(int(seeds[i]) + s)
                 ids = torch.as_tensor([list(map(int, p))], device=self.device)
                 past = None
-                toks, rows_i, rows_l = [], [], []
+                toks, rows_i, rows_l, own = [], [], [], []
                 finish = "length"
                 with torch.no_grad():
                     for _ in range(max_new_tokens):
@@ -94,6 +105,7 @@ class HFBackend(TeacherBackend):
                         rows_l.append(v.cpu().numpy())
                         nxt = _sample(lp.cpu(), temperature, top_p, g)
                         toks.append(nxt)
+                        own.append(float(lp[nxt]))
                         if nxt in self.eos_token_ids:
                             finish = "stop"
                             break
@@ -104,7 +116,7 @@ class HFBackend(TeacherBackend):
                 if G:
                     ti[:, :k] = np.stack(rows_i)
                     tl[:, :k] = np.stack(rows_l)
-                gens.append(Generation(toks, ti, tl, finish))
+                gens.append(Generation(toks, ti, tl, finish, np.asarray(own, np.float32)))
             res.append(gens)
         return res
 

@@ -31,17 +31,29 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
     """Summary of a store (all committed shards read; checksums verified when ``verify``).
 
     ``mean_topk_mass`` = mean over targeted positions of sum_k exp(topk_logprobs): the share of the
-    teacher's probability the stored targets cover (1.0 would be the whole distribution).
+    teacher's probability the stored ids cover (1.0 would be the whole distribution). Headtail stores
+    add ``headtail``: the mean exact mass (head + data token), the mean rest mass (what the draws
+    stand for), distinct draws per row, and the largest |sum of a row's weights - 1| (encoding error).
     """
     r = StoreReader(url, verify=verify)
     h = r.header
     samples = positions = targeted = with_target = 0
     mass_sum = 0.0
     valid_k_sum = 0
+    ht = {"exact_mass": 0.0, "rest_mass": 0.0, "distinct_draws": 0, "max_weight_sum_error": 0.0}
     for _, shard in r.iter_shards():
         samples += shard.num_samples
         positions += shard.num_positions
-        has = shard.topk_ids[:, 0] >= 0
+        has = shard.has_target()
+        if shard.targets == "headtail":
+            sel = has & shard.loss_mask
+            if sel.any():
+                rest = np.exp(shard.rest_logmass[sel].astype(np.float64))
+                ht["rest_mass"] += float(rest.sum())
+                ht["exact_mass"] += float((1.0 - rest).sum())
+                ht["distinct_draws"] += int(((shard.target_ids[sel] >= 0) & (shard.target_counts[sel] > 0)).sum())
+                err = np.abs(shard.target_weights[sel].astype(np.float64).sum(1) - 1.0).max()
+                ht["max_weight_sum_error"] = max(ht["max_weight_sum_error"], float(err))
         with_target += int(has.sum())
         sel = has & shard.loss_mask
         targeted += int(sel.sum())
@@ -57,6 +69,16 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
         key = str(rj.get("reason", "?")).split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
     n_total = h.get("num_shards_total")
+    headtail = None
+    if h.get("targets") == "headtail" and targeted:
+        headtail = {
+            "head": (h.get("target_sampling") or {}).get("head"),
+            "draws": (h.get("target_sampling") or {}).get("draws"),
+            "mean_exact_mass": round(ht["exact_mass"] / targeted, 4),
+            "mean_rest_mass": round(ht["rest_mass"] / targeted, 4),
+            "mean_distinct_draws": round(ht["distinct_draws"] / targeted, 2),
+            "max_weight_sum_error": float(f"{ht['max_weight_sum_error']:.3g}"),
+        }
     return {
         "store": str(url),
         "format_version": h.get("format_version"),
@@ -70,6 +92,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
         "targeted_positions": targeted,
         "mean_valid_k": round(valid_k_sum / targeted, 2) if targeted else None,
         "mean_topk_mass": round(mass_sum / targeted, 4) if targeted else None,
+        "headtail": headtail,
         "bytes_total": total,
         "bytes_per_position": round(total / positions, 2) if positions else None,
         "bytes_per_position_by_array": {k: round(v / positions, 2) for k, v in sorted(nbytes.items())} if positions else {},
@@ -109,6 +132,13 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(
             f"note             small shards ({per} positions each): the trainer's loader pays a fixed ~12 ms per shard, "
             f"so it decodes several times slower than with >= {SMALL_SHARD_POSITIONS} (kdship cache --shard-positions, default 65536)"
+        )
+    if info.get("headtail"):
+        ht = info["headtail"]
+        lines.insert(
+            6,
+            f"headtail         exact head+token mass {ht['mean_exact_mass']}, rest mass {ht['mean_rest_mass']} "
+            f"estimated by {ht['mean_distinct_draws']} distinct of {ht['draws']} draws; max |sum of weights - 1| {ht['max_weight_sum_error']}",
         )
     if info.get("sampling"):
         lines.insert(2, f"sampling         {info['sampling']}")

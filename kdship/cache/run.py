@@ -12,12 +12,19 @@ committed atomically (``kdship.store``); a resumed run skips committed shards an
 Generation is reproducible per (row, sample): its seed is derived from (--seed, row index), so a
 redone shard is bit-identical.
 
-``--targets sampled`` (random-sampling KD, arXiv:2503.16870): at each targeted position N = top_k
-tokens are drawn with replacement from the teacher's distribution; the store keeps the *distinct*
-drawn ids (``topk_ids``, padded -1), the teacher's raw log-probability of each (``topk_logprobs``)
-and ``target_weights`` = count / N. With ``--backend hf`` the draw is from the full softmax
-(exact); with vLLM it is from the renormalised top-K' (``--sampled-candidates``, default 128), an
-approximation that ignores the mass outside the top-K' (recorded in the header).
+Targets (``--targets``, see ``kdship/cache/targets.py`` and cache/FORMAT.md):
+
+* ``headtail`` (default): the exact top-h head (h = ``--top-k``, default 4), the data token's own
+  logprob, the exact rest mass beyond them, and ``--draws`` N (default 8) tokens drawn from the
+  teacher's residual distribution beyond the head: an unbiased estimate of the whole distribution in
+  ~46 bytes per position with SmolLM2 (bench/cache_bytes.py).
+* ``topk``: the top-k ids and logprobs (k = ``--top-k``, default 32); the tail is one bucket or dropped.
+* ``sampled`` (random-sampling KD, arXiv:2503.16870): N = top_k draws from the whole distribution.
+
+Draws are exact with ``--backend hf`` (the full softmax); with vLLM they come from the top-K'
+candidates (``--sampled-candidates``, default 1024), so the residual mass beyond the top-K' is never
+drawn: headtail stores it per row (``beyond_logmass``, the trainer's "beyond" bucket), the run's
+summary reports its mean (``missing_mass``) and the header records K'.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from kdship.cache.targets import draw_headtail_targets, draw_sampled_targets
 from kdship.data import DataError, Row, data_fingerprint, read_rows
 from kdship.store import Shard, StoreWriter, shard_path
 
@@ -37,14 +45,17 @@ log = logging.getLogger("kdship.cache")
 
 MODES = ("score", "generate")
 OVERFLOW = ("truncate", "skip", "error")
-TARGETS = ("topk", "sampled")
+TARGETS = ("headtail", "topk", "sampled")
+# --top-k's default per target kind: the exact head of headtail, k of topk, the draws of sampled
+TOP_K_DEFAULT = {"headtail": 4, "topk": 32, "sampled": 32}
 BACKENDS = ("vllm", "hf", "openai")
 
 DEFAULTS: dict[str, Any] = dict(
     mode="score",
-    top_k=32,
+    top_k=None,
     backend="vllm",
-    targets="topk",
+    targets=None,
+    draws=8,
     samples=1,
     temperature=1.0,
     top_p=1.0,
@@ -102,50 +113,15 @@ def _check_teacher(teacher: str, backend: str) -> None:
         raise CacheError(f"teacher {teacher}: no such directory (give a local HF model directory or a hub id)")
 
 
-def draw_sampled_targets(ids: np.ndarray, lps: np.ndarray, n_draws: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random-sampling KD targets for rows of candidate distributions.
-
-    ids, lps: [L, Kc] candidates (id -1 / -inf padding), the teacher's raw log-probs.
-    Draws ``n_draws`` tokens per row from softmax over the candidates (renormalised; exact when the
-    candidates are the whole vocabulary). Returns ([L, N] distinct ids sorted by count then logprob,
-    [L, N] their teacher logprobs, [L, N] float32 weights count/N); rows without candidates stay -1.
-    """
-    L = ids.shape[0]
-    out_i = np.full((L, n_draws), -1, np.int32)
-    out_l = np.full((L, n_draws), -np.inf, np.float32)
-    out_w = np.zeros((L, n_draws), np.float32)
-    valid = ids[:, 0] >= 0
-    if not valid.any():
-        return out_i, out_l, out_w
-    lp = lps[valid].astype(np.float64)
-    p = np.exp(lp - lp.max(axis=1, keepdims=True))
-    p[~np.isfinite(lp)] = 0.0
-    cdf = np.cumsum(p, axis=1)
-    cdf /= cdf[:, -1:]
-    u = rng.random((lp.shape[0], n_draws))
-    picks = np.empty((lp.shape[0], n_draws), np.int64)
-    for r in range(lp.shape[0]):
-        picks[r] = np.minimum(np.searchsorted(cdf[r], u[r], side="right"), lp.shape[1] - 1)
-    rows = np.flatnonzero(valid)
-    for r, row in enumerate(rows):
-        cols, counts = np.unique(picks[r], return_counts=True)
-        order = np.lexsort((-lps[row, cols], -counts))
-        cols, counts = cols[order], counts[order]
-        m = len(cols)
-        out_i[row, :m] = ids[row, cols]
-        out_l[row, :m] = lps[row, cols]
-        out_w[row, :m] = counts / n_draws
-    return out_i, out_l, out_w
-
-
 def cache(
     teacher: str,
     data: str,
     out: str,
     mode: str = "score",
-    top_k: int = 32,
+    top_k: int | None = None,
     backend: str = "vllm",
-    targets: str = "topk",
+    targets: str | None = None,
+    draws: int = 8,
     samples: int = 1,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -184,12 +160,18 @@ def cache(
         raise CacheError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if overflow not in OVERFLOW:
         raise CacheError(f"--overflow {overflow!r}: expected one of {', '.join(OVERFLOW)}")
+    if targets is None:  # headtail needs the teacher's distribution; an HTTP teacher gives its top-k only
+        targets = "topk" if backend == "openai" else "headtail"
     if targets not in TARGETS:
         raise CacheError(f"--targets {targets!r}: expected one of {', '.join(TARGETS)}")
     if backend not in BACKENDS:
         raise CacheError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if top_k is None:
+        top_k = TOP_K_DEFAULT.get(targets, 32)
     if top_k < 1:
         raise CacheError(f"--top-k {top_k}: must be >= 1")
+    if targets == "headtail" and not 1 <= draws <= 255:
+        raise CacheError(f"--draws {draws}: must be in 1..255")
     if samples < 1:
         raise CacheError(f"--samples {samples}: must be >= 1")
     if samples > 1 and mode != "generate":
@@ -206,8 +188,8 @@ def cache(
         raise CacheError("--filter, length bounds, --dedupe and --require-finished apply to --mode generate only")
     if backend == "openai" and not teacher_url:
         raise CacheError("--backend openai needs --teacher-url URL")
-    if backend == "openai" and targets == "sampled":
-        raise CacheError("--targets sampled needs the teacher's distribution; use --backend vllm or hf")
+    if backend == "openai" and targets != "topk":
+        raise CacheError(f"--targets {targets} needs the teacher's distribution; use --backend vllm or hf, or --targets topk")
 
     # ---- teacher: tokenizer and fingerprint ---------------------------------------------------
     from kdship.cache.render import RenderError, load_tokenizer, render_prompt, render_score, teacher_fingerprint
@@ -286,11 +268,7 @@ def cache(
         "mode": mode,
         "top_k": k_store,
         "targets": targets,
-        "target_sampling": (
-            {"draws": top_k, "candidates": "full-vocabulary" if backend == "hf" else int(sampled_candidates), "exact": backend == "hf", "seed": seed}
-            if targets == "sampled"
-            else None
-        ),
+        "target_sampling": _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed),
         "teacher": fp,
         "sampling": (
             {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
@@ -331,7 +309,7 @@ def cache(
     mine = [s for s in range(n_total_shards) if s % num_shards == shard_index]
     todo = [s for s in mine if shard_path(s) not in committed]
 
-    stats = {"samples": 0, "positions": 0, "targeted_positions": 0, "generated_tokens": 0, "teacher_seconds": 0.0}
+    stats = {"samples": 0, "positions": 0, "targeted_positions": 0, "generated_tokens": 0, "teacher_seconds": 0.0, "missing_mass_sum": 0.0, "target_rows": 0}
     reject_counts: dict[str, int] = {}
     filter_fn = None
     if mode == "generate" and (filter or min_new_tokens or max_response_tokens or dedupe or require_finished):
@@ -348,19 +326,22 @@ def cache(
             if shard_items:
                 be = get_backend()
                 if mode == "score":
-                    samples_out = _score_items(be, shard_items, k_store, targets, sampled_candidates, seed, vocab)
+                    samples_out = _score_items(be, shard_items, k_store, targets, sampled_candidates, seed, vocab, draws)
                 else:
                     samples_out, frej = _generate_items(
                         be, shard_items, k_store, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
-                        filter_fn, filter, min_new_tokens, max_response_tokens, dedupe, require_finished,
+                        filter_fn, filter, min_new_tokens, max_response_tokens, dedupe, require_finished, draws,
                     )
                     shard_rejects += frej
             stats["teacher_seconds"] += time.time() - t0
-            shard = Shard.build(samples_out, k_store, with_target_weights=(targets == "sampled"))
+            shard = Shard.build(samples_out, writer.top_k, targets=targets)
             writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})
             stats["samples"] += shard.num_samples
             stats["positions"] += shard.num_positions
-            stats["targeted_positions"] += int((shard.loss_mask & (shard.topk_ids[:, 0] >= 0)).sum())
+            targeted = shard.loss_mask & shard.has_target()
+            stats["targeted_positions"] += int(targeted.sum())
+            stats["missing_mass_sum"] += float(sum(x.get("_missing_mass", 0.0) for x in samples_out))
+            stats["target_rows"] += int(shard.has_target().sum())
             stats["generated_tokens"] += int(shard.loss_mask.sum()) if mode == "generate" else 0
             for r in shard_rejects:
                 key = r["reason"].split(":")[0]
@@ -400,6 +381,10 @@ def cache(
     busy = elapsed - state.get("build_seconds", 0.0)
     summary["writer_overhead_fraction"] = round(1 - summary["backend_seconds"] / busy, 3) if summary["backend_seconds"] and busy > 0 else None
     summary["teacher_seconds"] = round(summary["teacher_seconds"], 2)
+    # headtail / sampled with vLLM: mean residual mass per row beyond the top-K' candidates (never drawn)
+    missing, rows_t = summary.pop("missing_mass_sum"), summary.pop("target_rows")
+    if targets == "headtail":
+        summary["missing_mass"] = round(missing / max(1, rows_t), 6)
     return summary
 
 
@@ -468,7 +453,7 @@ def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_
         return OpenAIBackend(teacher_url, api_key=api_key, tokenizer=tok)
     from kdship.cache.vllm_backend import DEFAULT_MAX_LOGPROBS, TeacherUnsupported, VLLMBackend, default_max_model_len
 
-    need = max(top_k, sampled_candidates if targets == "sampled" else 0)
+    need = max(top_k, sampled_candidates if targets != "topk" else 0)
     try:
         return VLLMBackend(
             teacher,
@@ -489,10 +474,29 @@ def _load_filter():
     return filter_generations
 
 
-def _targets_for(ids, lps, top_k, targets, rng):
+def _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed):
+    """The header's record of how sparse targets were drawn (None for topk)."""
     if targets == "topk":
-        return ids[:, :top_k], lps[:, :top_k], None
-    return draw_sampled_targets(ids, lps, top_k, rng)
+        return None
+    spec = {"draws": int(draws) if targets == "headtail" else int(top_k),
+            "candidates": "full-vocabulary" if backend == "hf" else int(sampled_candidates), "exact": backend == "hf", "seed": seed}
+    if targets == "headtail":
+        spec["head"] = int(top_k)
+    return spec
+
+
+def _targets_for(ids, lps, top_k, targets, rng, tokens=None, token_lp=None, draws=8) -> dict[str, Any]:
+    """One sequence's target arrays (the sample dict's target keys) from its candidate rows."""
+    if targets == "topk":
+        return {"topk_ids": ids[:, :top_k], "topk_logprobs": lps[:, :top_k]}
+    if targets == "sampled":
+        ti, tl, tw = draw_sampled_targets(ids, lps, top_k, rng)
+        return {"topk_ids": ti, "topk_logprobs": tl, "target_weights": tw}
+    if token_lp is None:
+        token_lp = np.full(len(tokens), np.nan, np.float32)
+    out = draw_headtail_targets(ids, lps, tokens, token_lp, top_k, draws, rng)
+    out["_missing_mass"] = float(out.pop("missing_mass").sum())
+    return out
 
 
 def _candidates_k(be, top_k, targets, sampled_candidates, vocab) -> int:
@@ -500,7 +504,7 @@ def _candidates_k(be, top_k, targets, sampled_candidates, vocab) -> int:
         return top_k
     if be.name == "hf":
         return vocab  # the full distribution: exact sampling
-    return max(top_k, min(int(sampled_candidates), vocab))
+    return max(top_k + 1, min(int(sampled_candidates), vocab))
 
 
 def _sample_rng(seed: int, row: int, sample: int) -> np.random.Generator:
@@ -525,22 +529,21 @@ def _bounded_groups(items: list, entries: list[int]):
         yield group
 
 
-def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab):
+def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab, draws=8):
     kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
+    own = targets == "headtail"
     out = []
     for chunk in _bounded_groups(items, [len(it["tokens"]) * kc for it in items]):
-        res = be.score([it["tokens"].tolist() for it in chunk], kc)
-        for it, (ids, lps) in zip(chunk, res):
-            ti, tl, tw = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, 0))
-            s = {"tokens": it["tokens"], "loss_mask": it["mask"], "topk_ids": ti, "topk_logprobs": tl, "sample_index": it["row"].index}
-            if tw is not None:
-                s["target_weights"] = tw
-            out.append(s)
+        res = be.score([it["tokens"].tolist() for it in chunk], kc, **({"with_token_logprobs": True} if own else {}))
+        for it, r in zip(chunk, res):
+            ids, lps = r[0], r[1]
+            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, 0), it["tokens"], r[2] if own else None, draws)
+            out.append({"tokens": it["tokens"], "loss_mask": it["mask"], "sample_index": it["row"].index, **tgt})
     return out
 
 
 def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
-                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished):
+                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished, draws=8):
     kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
     gens = []
     for chunk in _bounded_groups(items, [samples * max_new_tokens * kc] * len(items)):
@@ -569,22 +572,17 @@ def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_token
             G = len(g.token_ids)
             ids = np.full((P + G, kc), -1, np.int32)
             lps = np.full((P + G, kc), -np.inf, np.float32)
+            own = np.full(P + G, np.nan, np.float32)
             if G:
                 ids[P:] = g.topk_ids[:, :kc]
                 lps[P:] = g.topk_logprobs[:, :kc]
-            ti, tl, tw = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, j))
+                if g.token_logprobs is not None:
+                    own[P:] = g.token_logprobs
+            tokens = np.concatenate([it["tokens"], np.asarray(g.token_ids, np.int32)])
+            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, j), tokens, own, draws)
             mask = np.zeros(P + G, bool)
             mask[P:] = True
-            s = {
-                "tokens": np.concatenate([it["tokens"], np.asarray(g.token_ids, np.int32)]),
-                "loss_mask": mask,
-                "topk_ids": ti,
-                "topk_logprobs": tl,
-                "sample_index": it["row"].index,
-            }
-            if tw is not None:
-                s["target_weights"] = tw
-            out.append(s)
+            out.append({"tokens": tokens, "loss_mask": mask, "sample_index": it["row"].index, **tgt})
     return out, rejects
 
 

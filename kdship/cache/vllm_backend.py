@@ -138,6 +138,25 @@ def close_engines() -> None:
     gc.collect()
 
 
+def _own_from_flat(flat, tokens, n_rows: int) -> np.ndarray:
+    """[n_rows] logprob of each position's own (actual) token: the first entry of every non-empty
+    position in flat mode, the token's dict entry otherwise; NaN where there is none."""
+    out = np.full(n_rows, np.nan, np.float32)
+    if hasattr(flat, "start_indices"):
+        starts = np.asarray(flat.start_indices[:n_rows], np.int64)
+        ends = np.asarray(flat.end_indices[:n_rows], np.int64)
+        full = np.flatnonzero(ends > starts)
+        lp = np.asarray(flat.logprobs, np.float64)
+        tok = np.asarray(flat.token_ids, np.int64)
+        ok = tok[starts[full]] == np.asarray(tokens, np.int64)[full]
+        out[full[ok]] = lp[starts[full[ok]]]
+        return out
+    for j, pos in enumerate(flat[:n_rows]):
+        if pos and int(tokens[j]) in pos:
+            out[j] = pos[int(tokens[j])].logprob
+    return out
+
+
 def _rows_from_flat(flat, k: int, n_rows: int, skip_first: bool) -> tuple[np.ndarray, np.ndarray]:
     """FlatLogprobs (or list of dicts) -> ([n_rows, k] ids, [n_rows, k] logprobs), sorted descending.
 
@@ -216,7 +235,7 @@ class VLLMBackend(TeacherBackend):
         if k > self.max_logprobs:
             raise ValueError(f"top-k {k} exceeds the engine's max_logprobs {self.max_logprobs}")
 
-    def score(self, sequences, top_k):
+    def score(self, sequences, top_k, with_token_logprobs=False):
         from vllm import SamplingParams, TokensPrompt
 
         self._check_k(top_k)
@@ -230,7 +249,7 @@ class VLLMBackend(TeacherBackend):
             ids, lps = _rows_from_flat(plp, top_k, len(seq), skip_first=True)
             if len(seq) > 1 and (ids[1:, 0] < 0).any():
                 raise RuntimeError("vLLM returned a position without prompt logprobs (is prefix caching on?)")
-            res.append((ids, lps))
+            res.append((ids, lps, _own_from_flat(plp, seq, len(seq))) if with_token_logprobs else (ids, lps))
         return res
 
     def generate(self, prompts, top_k, samples, temperature, top_p, max_new_tokens, seeds):
@@ -260,5 +279,6 @@ class VLLMBackend(TeacherBackend):
             c = out.outputs[0]
             toks = list(c.token_ids)
             ids, lps = _rows_from_flat(c.logprobs, top_k, len(toks), skip_first=True)
-            res[r // samples].append(Generation(toks, ids, lps, c.finish_reason or "length"))
+            own = _own_from_flat(c.logprobs, toks, len(toks)) if toks else np.zeros(0, np.float32)
+            res[r // samples].append(Generation(toks, ids, lps, c.finish_reason or "length", own))
         return res

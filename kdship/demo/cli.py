@@ -18,7 +18,7 @@ def demo_command(
     train_conversations: Optional[int] = typer.Option(None, "--train-conversations", help="Chats scored by the teacher. Default 200 (~27k positions)."),
     keep_layers: Optional[int] = typer.Option(None, "--keep-layers", help="Decoder layers the depth-pruned student keeps. Default 6 (of 30)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training passes over the store, both students. Default 2."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Teacher targets per position. Default 32."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="The exact head of the headtail targets (kdship cache --top-k). Default 4."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate, both students. Default 5e-4."),
     force: bool = typer.Option(False, "--force", help="Redo every stage even when its inputs are unchanged."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bars. Default on."),

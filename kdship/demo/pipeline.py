@@ -51,7 +51,7 @@ class DemoSizes:
     prompts: int = 16  # chitchat first turns the teacher answers (generate mode)
     ood_passages: int = 40  # Shakespeare passages
     max_turns: int = 6
-    top_k: int = 32
+    top_k: int | None = None  # None: kdship cache's default targets (headtail, exact head 4 + 8 residual draws)
     max_length: int = 512
     shard_size: int = 32  # samples per shard: a killed run loses at most one shard of teacher work
     max_new_tokens: int = 48
@@ -222,7 +222,9 @@ class Demo:
         cache = verb("kdship.cache.run", "cache", "cache")
         a, s = self.results["assets"], self.sizes
         out = self.out / "stores" / mode
-        kw: dict[str, Any] = dict(top_k=s.top_k, backend="vllm", max_length=s.max_length, overflow="truncate", shard_size=s.shard_size, seed=s.seed, progress=self.progress)
+        kw: dict[str, Any] = dict(backend="vllm", max_length=s.max_length, overflow="truncate", shard_size=s.shard_size, seed=s.seed, progress=self.progress)
+        if s.top_k is not None:
+            kw["top_k"] = s.top_k
         if mode == "generate":
             kw.update(samples=1, temperature=s.gen_temperature, top_p=s.gen_top_p, max_new_tokens=s.max_new_tokens)
         data = a["data"]["train" if mode == "score" else "prompts"]

@@ -250,7 +250,7 @@ def write_report(demo, sizes, seconds: float) -> dict[str, Any]:
         )
     cs = r.get("cache_score") or {}
     if cs:
-        md.append(f"Score store: {cs.get('samples')} chats, {cs.get('positions')} positions ({cs.get('targeted_positions')} trained), k={cs.get('top_k')}.")
+        md.append(f"Score store: {cs.get('samples')} chats, {cs.get('positions')} positions ({cs.get('targeted_positions')} trained), targets {cs.get('targets', 'topk')} k={cs.get('top_k')}.")
     cg = r.get("cache_generate") or {}
     if cg:
         md.append(f"Generate store (the teacher's own answers, sequence-level KD data): {cg.get('samples')} answers, {cg.get('generated_tokens')} generated tokens.")

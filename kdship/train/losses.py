@@ -33,11 +33,20 @@ The support (``tail``) for top-k stores::
              A row whose ids cover the whole tokenizer vocabulary, or whose teacher rest mass is below
              1e-6 (rounding), has no rest category: with k = vocab both tails equal full-vocabulary KD.
 
-Sampled sparse targets (stores with header ``targets == "sampled"``; arXiv 2503.16870): the stored
-ids are the distinct tokens drawn from the teacher's distribution, ``target_weights`` w_i = count/N.
-Every divergence above is an expectation under p of a per-category quantity,
-D = sum_c p_c g_c with g_c = term_c / p_c, so sum_i w_i g_i is an unbiased estimate of it
-(exact for fkl's gradient in expectation; variance grows for rkl where q >> p). T must be 1.
+Weighted sparse targets (stores with ``targets`` "headtail" -- the default -- or "sampled"): every
+divergence above is a sum over the vocabulary of per-token terms, D = sum_v term_v(p_v, q_v). A row
+carries entries (id_i, t_i = log p_i, w_i) with E[sum_i w_i f(id_i) / p_i] = sum_v p_v f(v) for any f,
+so sum_i (w_i / p_i) term_i is an unbiased estimate of D, and its gradient of D's gradient::
+
+    headtail   exact entries (top-h head, data token): w_i = p_i        -> their terms exactly
+               residual draws x_n (N of them, R = exact rest mass, B = the part of R beyond the
+               backend's candidates, never drawn): w = (R - B) * count / N
+               + one "beyond" bucket when the weights sum to 1 - B < 1 - BUCKET_EPS:
+               p_beyond = B, q_beyond = 1 - sum_i q(id_i)  (the student's mass off the stored ids;
+               exact for --backend hf, where B = 0 and there is no bucket)
+    sampled    N draws from p: w_i = count_i / N   (arXiv 2503.16870)
+
+(variance grows for rkl where q >> p on tokens never drawn). T must be 1.
 
 Total loss, averaged over rows (``average="token"``) or over sequences of length-normalised row means
 (``average="sequence"``); the batch's row weights carry this (see ``loader.Batch.row_weight``)::
@@ -69,6 +78,9 @@ KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "sft")
 TAILS = ("bucket", "renorm")
 AVERAGES = ("token", "sequence")
 REST_EPS = 1e-6  # teacher "rest" mass below this is rounding, not a category
+# weighted rows (headtail) sum to 1 within the store's encoding error (<= 1e-3, cache/FORMAT.md); a
+# shortfall beyond this is a real "beyond" mass (vLLM's candidates missed it), not rounding
+BUCKET_EPS = 2e-3
 
 
 @dataclass
@@ -159,12 +171,24 @@ def kd_row_losses(
     s_safe = torch.where(valid, s_lp, zero)
     t_safe = torch.where(valid, t_lp, zero)
 
-    if target_weights is not None:  # sampled: D ~= sum_i w_i term_i / p_i, terms on the full vocabulary
+    if target_weights is not None:  # sampled / headtail: D ~= sum_i w_i term_i / p_i on the full vocabulary
         if T != 1.0:
-            raise ValueError("sampled targets were drawn at temperature 1; --temperature must be 1 with them")
+            raise ValueError("sampled / headtail targets were drawn at temperature 1; --temperature must be 1 with them")
         terms = divergence_terms(cfg.kind, t_safe, s_safe, cfg.beta, cfg.alpha)
-        w = torch.where(valid, target_weights.to(s_lp.dtype), zero)
-        return (w * terms * torch.exp(-t_safe)).sum(-1)
+        w = target_weights.to(s_lp.dtype)
+        use = valid & (w > 0)
+        # w_i / p_i in log space: exact entries have w_i = p_i (ratio 1) even where p_i underflows
+        ratio = torch.where(use, torch.exp(torch.log(torch.where(use, w, 1.0)) - t_safe), zero)
+        out = (ratio * terms).sum(-1)
+        # weights summing to 1 - B < 1: the teacher's mass B beyond everything the backend could draw
+        # is one "beyond" bucket against the student's mass outside the row's stored ids
+        b = 1.0 - torch.where(use, w, zero).double().sum(-1)
+        bucket = has_any & (b > BUCKET_EPS)
+        t_b = torch.where(bucket, b.clamp(min=BUCKET_EPS).log(), 0.0).to(s_lp.dtype)
+        s_in = torch.logsumexp(torch.where(valid, s_safe, neg), -1)
+        s_b = torch.where(bucket, _log1mexp(torch.where(bucket, s_in, -1.0)), zero)
+        b_term = divergence_terms(cfg.kind, t_b[:, None], s_b[:, None], cfg.beta, cfg.alpha)[:, 0]
+        return out + torch.where(bucket, b_term, zero)
 
     if cfg.tail == "renorm":
         lp = torch.log_softmax(torch.where(valid, t_safe / T, neg), -1)

@@ -541,11 +541,11 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
 
     reader = StoreReader(store, verify=False)
     header = reader.header
-    sampled = header.get("targets") == "sampled"
+    sampled = header.get("targets") in ("sampled", "headtail")
     if cfg["loss"] != "sft" and header.get("mode") == "generate" and cfg["ce_weight"] == 0:
         log.info("generate store: KD on the teacher's own samples (use --loss sft for plain sequence-level KD)")
     if sampled and cfg["temperature"] != 1.0 and not cfg["online_teacher"]:
-        raise TrainError("--temperature: a sampled-targets store was drawn at temperature 1; use --temperature 1")
+        raise TrainError(f"--temperature: a {header.get('targets')}-targets store was drawn at temperature 1; use --temperature 1")
 
     model, tok, student_name = load_student(cfg["student"], cfg["init_from_config"], cfg["layers"], cfg["hidden"], int(cfg["seed"]))
     check_tokenizer(header, tok, student_name, store)

@@ -1,0 +1,150 @@
+"""Sparse targets drawn from a teacher's distribution at cache time (``--targets headtail | sampled``).
+
+Both take, per row, the teacher's candidate distribution -- ids and raw logprobs sorted descending, the
+whole vocabulary with ``--backend hf``, the top-K' with vLLM (``--sampled-candidates``) -- and an
+``np.random.Generator`` seeded per (input row, sample), so a redone shard is bit-identical.
+
+headtail (the default; cache/FORMAT.md)::
+
+    E   = top-h ids  U  {data token}          exact entries (their logprobs are stored)
+    R   = 1 - sum_{v in E} p_v                the rest mass, from the exact logprobs (float64)
+    r_v = p_v / R  for v outside E            the residual distribution
+    x_1..x_N ~ r  (systematic sampling)       stored as distinct ids + counts
+
+    sum_v p_v f(v) = sum_{v in E} p_v f(v) + R * E_r[f]  ~=  sum_{E} p_v f(v) + R/N * sum_n f(x_n)
+
+exact over E, unbiased over the tail for any f (every divergence's per-token term, its gradient too).
+The N draws are *systematic* (one uniform u, points (u + n) / N on the residual's cdf): each token's
+expected count is still N r_v (unbiased), but a token with r_v >= 1/N is drawn floor(N r_v) or
+ceil(N r_v) times, never 0, so the estimate's variance is far below i.i.d. draws' at the same bytes.
+With vLLM the draws come from the candidates beyond E: the residual mass B outside the top-K' can
+never be drawn. It is stored per row (``beyond_logmass``) and the draws stand for R - B only; the
+trainer gives B to one "beyond" bucket (the student's mass outside the row's stored ids), so the
+student is not taught that the far tail is empty (``kdship cache`` reports B's mean).
+
+sampled (v1, arXiv:2503.16870): N draws from the whole (candidate) distribution, weights count/N.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _draw_systematic(cdf: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n column indices by systematic sampling: points (u + i) / n, u ~ U[0, 1), on the normalised cdf.
+    Column c is hit floor or ceil of n * p_c times (expectation exactly n * p_c)."""
+    u = (rng.random() + np.arange(n)) / n * cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+
+
+def draw_headtail_targets(
+    ids: np.ndarray,
+    lps: np.ndarray,
+    tokens: np.ndarray,
+    token_lp: np.ndarray,
+    head: int,
+    n_draws: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Headtail targets for the rows of one sequence.
+
+    ids, lps: [L, Kc] candidates, sorted descending (id -1 / -inf padding), Kc >= head.
+    tokens: [L] the data token of each row (the token the row predicts, tokens[j]); token_lp: [L] its
+    raw teacher logprob (NaN where the backend had none: then it must be among the candidates).
+    Returns the store's headtail arrays for these rows (``target_ids`` [L, head + n_draws] ascending
+    with -1 padding, ``target_logprobs``, ``target_counts`` uint8, ``token_logprob`` [L],
+    ``rest_logmass`` [L], ``beyond_logmass`` [L]: log of the residual mass outside the candidates,
+    never drawn, -inf when there is none; ``token_logprob`` is 0 where the token is in the head) and
+    ``missing_mass`` [L]: that mass itself (float64, for the run's summary).
+    Rows without candidates (row 0, unscored prompt rows) are all padding.
+    """
+    if not 1 <= n_draws <= 255:
+        raise ValueError(f"draws {n_draws}: must be in 1..255 (counts are uint8)")
+    L, kc = ids.shape
+    width = head + n_draws
+    out_i = np.full((L, width), -1, np.int32)
+    out_l = np.zeros((L, width), np.float32)
+    out_c = np.zeros((L, width), np.uint8)
+    out_tok = np.zeros(L, np.float32)
+    out_rest = np.full(L, -np.inf, np.float32)
+    out_beyond = np.full(L, -np.inf, np.float32)
+    missing = np.zeros(L, np.float64)
+    h = min(head, kc)
+    for r in np.flatnonzero(ids[:, 0] >= 0):
+        row_ids, row_lp = ids[r], lps[r].astype(np.float64)
+        ok = row_ids >= 0
+        tok = int(tokens[r])
+        tok_lp = float(token_lp[r]) if np.isfinite(token_lp[r]) else np.nan
+        where_tok = np.flatnonzero(row_ids == tok)
+        if np.isnan(tok_lp):
+            if not len(where_tok):
+                raise ValueError(f"row {r}: the data token {tok}'s teacher logprob is unknown and it is not among the {kc} candidates")
+            tok_lp = float(row_lp[where_tok[0]])
+        head_cols = np.flatnonzero(ok[:h])
+        tok_in_head = bool(len(where_tok)) and where_tok[0] < h
+        p_exact = np.exp(row_lp[head_cols]).sum() + (0.0 if tok_in_head else np.exp(tok_lp))
+        rest = max(0.0, 1.0 - p_exact)
+        resid = ok.copy()
+        resid[:h] = False
+        if len(where_tok):
+            resid[where_tok[0]] = False
+        cols = np.flatnonzero(resid)
+        p_res = np.exp(row_lp[cols])
+        covered = float(p_res.sum())
+        missing[r] = max(0.0, rest - covered)
+        sel_ids = [row_ids[head_cols]]
+        sel_lp = [row_lp[head_cols]]
+        sel_c = [np.zeros(len(head_cols), np.int64)]
+        if rest > 0 and covered > 0:
+            picks = _draw_systematic(np.cumsum(p_res), n_draws, rng)
+            u, c = np.unique(picks, return_counts=True)
+            sel_ids.append(row_ids[cols[u]])
+            sel_lp.append(row_lp[cols[u]])
+            sel_c.append(c)
+        all_ids = np.concatenate(sel_ids)
+        order = np.argsort(all_ids, kind="stable")
+        m = len(order)
+        out_i[r, :m] = all_ids[order]
+        out_l[r, :m] = np.concatenate(sel_lp)[order]
+        out_c[r, :m] = np.concatenate(sel_c)[order]
+        out_tok[r] = 0.0 if tok_in_head else tok_lp  # in the head: its logprob is stored there
+        out_rest[r] = np.log(rest) if rest > 0 else -np.inf
+        out_beyond[r] = np.log(missing[r]) if missing[r] > 0 else -np.inf
+    return {"target_ids": out_i, "target_logprobs": out_l, "target_counts": out_c, "token_logprob": out_tok, "rest_logmass": out_rest,
+            "beyond_logmass": out_beyond, "missing_mass": missing}
+
+
+def draw_sampled_targets(ids: np.ndarray, lps: np.ndarray, n_draws: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random-sampling KD targets for rows of candidate distributions.
+
+    ids, lps: [L, Kc] candidates (id -1 / -inf padding), the teacher's raw log-probs.
+    Draws ``n_draws`` tokens per row from softmax over the candidates (renormalised; exact when the
+    candidates are the whole vocabulary). Returns ([L, N] distinct ids sorted by count then logprob,
+    [L, N] their teacher logprobs, [L, N] float32 weights count/N); rows without candidates stay -1.
+    """
+    L = ids.shape[0]
+    out_i = np.full((L, n_draws), -1, np.int32)
+    out_l = np.full((L, n_draws), -np.inf, np.float32)
+    out_w = np.zeros((L, n_draws), np.float32)
+    valid = ids[:, 0] >= 0
+    if not valid.any():
+        return out_i, out_l, out_w
+    lp = lps[valid].astype(np.float64)
+    p = np.exp(lp - lp.max(axis=1, keepdims=True))
+    p[~np.isfinite(lp)] = 0.0
+    cdf = np.cumsum(p, axis=1)
+    cdf /= cdf[:, -1:]
+    u = rng.random((lp.shape[0], n_draws))
+    picks = np.empty((lp.shape[0], n_draws), np.int64)
+    for r in range(lp.shape[0]):
+        picks[r] = np.minimum(np.searchsorted(cdf[r], u[r], side="right"), lp.shape[1] - 1)
+    rows = np.flatnonzero(valid)
+    for r, row in enumerate(rows):
+        cols, counts = np.unique(picks[r], return_counts=True)
+        order = np.lexsort((-lps[row, cols], -counts))
+        cols, counts = cols[order], counts[order]
+        m = len(cols)
+        out_i[row, :m] = ids[row, cols]
+        out_l[row, :m] = lps[row, cols]
+        out_w[row, :m] = counts / n_draws
+    return out_i, out_l, out_w

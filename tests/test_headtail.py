@@ -1,0 +1,370 @@
+"""Headtail targets (the default, store format v2): what the cache writes, what the loss makes of it.
+
+The store against a transformers forward of the teacher (head, logprobs, data token, rest mass), the
+loss against a dense float64 reference (value and gradient), its unbiasedness by Monte Carlo, the
+store round trip (raw zarr too), v1 stores and unknown versions, resume, ``kdship inspect``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kdship.cache.inspect import format_report, inspect_store
+from kdship.cache.run import cache
+from kdship.cache.targets import draw_headtail_targets
+from kdship.store import HEADER_ATTR, LOGPROB_SCALE, Shard, StoreError, StoreReader, StoreWriter
+from kdship.train.losses import KINDS, LossConfig, kd_row_losses
+
+DIVS = [k for k in KINDS if k != "sft"]
+LP_TOL = 0.5 / LOGPROB_SCALE + 1e-5  # fixed-point logprobs: half a step
+
+
+def _forward_logprobs(teacher, tokens):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(m(torch.as_tensor([tokens])).logits[0].double(), -1).numpy()
+
+
+@pytest.fixture(scope="module")
+def ht_store(tmp_path_factory, tiny_teacher, corpus_dir):
+    out = tmp_path_factory.mktemp("ht") / "store"
+    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
+    return out, summary
+
+
+def check_against_forward(store, teacher, head, draws, n_samples=3, candidates=None):
+    """Every row of the first samples against the forward: returns the largest rest-mass error.
+    ``candidates``: the backend's K' when below the vocabulary; then the stored "beyond" mass (never
+    drawn) is checked too, and the trainer's weights sum to 1 minus it."""
+    r = StoreReader(str(store))
+    worst = 0.0
+    sh = r.read_shard(r.shard_paths[0])
+    for i in range(min(n_samples, sh.num_samples)):
+        a, b = int(sh.offsets[i]), int(sh.offsets[i + 1])
+        toks = sh.tokens[a:b]
+        lp = _forward_logprobs(teacher, toks.tolist())
+        assert (sh.target_ids[a] == -1).all()  # row 0: no target
+        for j in range(1, b - a):
+            row = a + j
+            ids, cnt, tl = sh.target_ids[row], sh.target_counts[row], sh.target_logprobs[row]
+            valid = ids >= 0
+            assert (np.diff(ids[valid]) > 0).all()  # ascending, distinct
+            exact_ids = ids[valid & (cnt == 0)]
+            assert set(exact_ids.tolist()) == set(np.argsort(-lp[j - 1])[:head].tolist())
+            np.testing.assert_allclose(tl[valid], lp[j - 1][ids[valid]], atol=LP_TOL)
+            tok = int(toks[j])
+            in_head = tok in exact_ids
+            want_tok = 0.0 if in_head else lp[j - 1][tok]
+            assert sh.token_logprob[row] == pytest.approx(want_tok, abs=LP_TOL)
+            exact = set(exact_ids.tolist()) | {tok}
+            true_rest = 1.0 - np.exp(lp[j - 1][sorted(exact)]).sum()
+            worst = max(worst, abs(np.exp(float(sh.rest_logmass[row])) - true_rest))
+            drawn = ids[valid & (cnt > 0)]
+            assert not (set(drawn.tolist()) & exact)  # draws come from the residual only
+            beyond = 0.0
+            if candidates is not None:
+                cands = set(np.argsort(-lp[j - 1])[:candidates].tolist())
+                beyond = float(np.exp(lp[j - 1][sorted(set(range(lp.shape[1])) - cands - exact)]).sum())
+                assert np.exp(np.float64(sh.beyond_logmass[row])) == pytest.approx(beyond, abs=1e-3)
+            assert int(cnt.sum()) == (draws if true_rest - beyond > 1e-9 else 0)
+            # the trainer's view: exact entries + data token + draws, weights summing to ~1 - beyond
+            assert sh.target_weights[row].sum() == pytest.approx(1.0 - beyond, abs=2e-3)
+    return worst
+
+
+def test_headtail_store_matches_transformers_forward(ht_store, tiny_teacher):
+    out, summary = ht_store
+    assert summary["complete"] and summary["targets"] == "headtail" and summary["missing_mass"] == 0.0  # hf: exact draws
+    worst = check_against_forward(out, str(tiny_teacher), head=4, draws=8)
+    assert worst <= 1e-3, f"rest mass off by {worst}"
+    hdr = StoreReader(str(out)).header
+    assert hdr["format_version"] == 2 and hdr["target_sampling"]["head"] == 4 and hdr["target_sampling"]["draws"] == 8
+
+
+def test_raw_zarr_reads_the_store(ht_store):
+    """Standard codecs only: zarr alone decodes ids (ascending, uint16 + 65535 padding) and logprobs."""
+    out, _ = ht_store
+    root = zarr.open_group(str(out), mode="r")
+    hdr = root.attrs[HEADER_ATTR]
+    g = root[hdr["complete_shards"][0]]
+    ids, lps = g["target_ids"][:], g["target_logprobs"][:]
+    assert ids.dtype == np.uint16 and lps.dtype == np.float32
+    sh = StoreReader(str(out)).read_shard(hdr["complete_shards"][0])
+    np.testing.assert_array_equal(np.where(ids == 65535, -1, ids.astype(np.int64)), sh.target_ids)
+    np.testing.assert_array_equal(lps, sh.target_logprobs)
+
+
+def test_inspect_reports_headtail(ht_store):
+    out, _ = ht_store
+    info = inspect_store(str(out))
+    ht = info["headtail"]
+    assert ht["head"] == 4 and ht["draws"] == 8
+    assert 0 < ht["mean_exact_mass"] < 1 and ht["mean_exact_mass"] + ht["mean_rest_mass"] == pytest.approx(1.0, abs=1e-3)
+    assert 0 < ht["mean_distinct_draws"] <= 8 and ht["max_weight_sum_error"] < 2e-3
+    assert "headtail" in format_report(info) and info["bytes_per_position_by_array"]["target_ids"] > 0
+
+
+def test_resume_redoes_an_uncommitted_shard_bit_identically(ht_store, tmp_path, tiny_teacher, corpus_dir):
+    out, _ = ht_store
+    copy = tmp_path / "copy"
+    cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
+    # a crash after shard 2's arrays were written but before its commit: drop it from the header
+    root = zarr.open_group(str(copy), mode="r+")
+    hdr = dict(root.attrs[HEADER_ATTR])
+    lost = hdr["complete_shards"].pop(2)
+    hdr["complete"] = False
+    root.attrs[HEADER_ATTR] = hdr
+    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
+    assert s["shards_written"] == 1 and s["shards_skipped"] == 3 and s["complete"]
+    a, b = StoreReader(str(out)), StoreReader(str(copy))
+    assert a.shard_attrs(lost)["checksum_sha256"] == b.shard_attrs(lost)["checksum_sha256"]
+
+
+def test_v1_store_still_reads_and_unknown_version_is_refused(tmp_path):
+    hdr = {"mode": "score", "top_k": 2, "targets": "topk", "teacher": {"vocab_size": 10}, "data": {}}
+    w = StoreWriter(str(tmp_path / "s"), hdr)
+    sample = dict(tokens=np.arange(3), loss_mask=np.ones(3, bool), sample_index=0,
+                  topk_ids=np.array([[-1, -1], [1, 2], [3, 4]]), topk_logprobs=np.array([[-np.inf, -np.inf], [-0.5, -1.5], [-0.2, -2.0]]))
+    w.write_shard(0, Shard.build([sample], 2))
+    root = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    for version, ok in ((1, True), (3, False)):
+        h = dict(root.attrs[HEADER_ATTR])
+        h["format_version"] = version
+        root.attrs[HEADER_ATTR] = h
+        if ok:
+            s = next(StoreReader(str(tmp_path / "s")).iter_samples())
+            np.testing.assert_array_equal(s["topk_ids"][1], [1, 2])
+        else:
+            with pytest.raises(StoreError, match=r"format_version 3.*reads versions 1, 2"):
+                StoreReader(str(tmp_path / "s"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss on headtail rows
+
+
+def _case(V=60, head=4, draws=8, seed=0, n_rows=6):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.log_softmax(torch.randn(n_rows, V, generator=g, dtype=torch.float64) * 2.0, -1)
+    z = torch.randn(n_rows, V, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, V, (n_rows,), generator=g).numpy()
+    return t, z, tokens
+
+
+def _rows(t, tokens, head, draws, rng):
+    """Headtail rows for full teacher log-probs t [N, V] through the cache's own drawing code."""
+    order = torch.argsort(t, -1, descending=True)
+    ids = order.numpy().astype(np.int32)
+    lps = torch.gather(t, 1, order).numpy()
+    tok_lp = t[torch.arange(len(tokens)), torch.as_tensor(tokens)].numpy()
+    # the cache's row convention: row 0 has no target, so prepend a blank row
+    ids = np.concatenate([np.full((1, ids.shape[1]), -1, np.int32), ids])
+    lps = np.concatenate([np.full((1, lps.shape[1]), -np.inf), lps])
+    out = draw_headtail_targets(ids, lps, np.concatenate([[0], tokens]), np.concatenate([[np.nan], tok_lp]), head, draws, rng)
+    sh = Shard(tokens=np.concatenate([[0], tokens]).astype(np.int32), offsets=np.array([0, len(tokens) + 1]), sample_index=np.array([0]),
+               loss_mask=np.ones(len(tokens) + 1, bool), **{k: v for k, v in out.items() if k != "missing_mass"})
+    sh.headtail_view()
+    return (torch.as_tensor(sh.topk_ids[1:]).long(), torch.as_tensor(sh.topk_logprobs[1:]).double(), torch.as_tensor(sh.target_weights[1:]).double(),
+            torch.as_tensor(np.exp(sh.rest_logmass[1:].astype(np.float64))))
+
+
+def _estimate(kind, z, ids, t_lp, w):
+    """kd_row_losses on the rows: value [N] and gradient wrt the student logits."""
+    z = z.clone().requires_grad_(True)
+    s_lp = torch.log_softmax(z, -1).gather(1, ids.clamp(min=0))
+    est = kd_row_losses(LossConfig(kind=kind, beta=0.3, alpha=0.2), s_lp, t_lp, ids >= 0, target_weights=w)
+    est.sum().backward()
+    return est.detach(), z.grad
+
+
+def _dense_reference_estimate(kind, z, ids, t_lp, w):
+    """The same estimator written densely in float64: sum_i (w_i / p_i) * term(p_i, q_i) with q the
+    full softmax, terms from the textbook per-token definitions."""
+    z = z.clone().requires_grad_(True)
+    q = torch.softmax(z, -1)
+    valid = ids >= 0
+    p_i = torch.where(valid, t_lp.exp(), torch.ones_like(t_lp))
+    q_i = q.gather(1, ids.clamp(min=0))
+    beta, alpha = 0.3, 0.2
+    kl = lambda a, b: a * (a.log() - b.log())  # noqa: E731
+    term = {
+        "fkl": lambda p, q: kl(p, q),
+        "rkl": lambda p, q: kl(q, p),
+        "jsd": lambda p, q: beta * kl(p, beta * p + (1 - beta) * q) + (1 - beta) * kl(q, beta * p + (1 - beta) * q),
+        "skl": lambda p, q: kl(p, alpha * p + (1 - alpha) * q),
+        "srkl": lambda p, q: kl(q, alpha * q + (1 - alpha) * p),
+        "tvd": lambda p, q: 0.5 * (p - q).abs(),
+    }[kind](p_i, q_i)
+    est = torch.where(valid & (w > 0), w / p_i * term, torch.zeros_like(term)).sum(-1)
+    est.sum().backward()
+    return est.detach(), z.grad
+
+
+@pytest.mark.parametrize("kind", DIVS)
+def test_headtail_loss_matches_dense_float64_reference(kind):
+    t, z, tokens = _case(seed=DIVS.index(kind))
+    ids, t_lp, w, _ = _rows(t, tokens, 4, 8, np.random.default_rng(1))
+    est, grad = _estimate(kind, z, ids, t_lp, w)
+    ref, ref_grad = _dense_reference_estimate(kind, z, ids, t_lp, w)
+    torch.testing.assert_close(est, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", DIVS)
+def test_head_covering_the_vocabulary_is_the_exact_divergence(kind):
+    """No residual (h = V): the headtail loss is the full-vocabulary divergence, value and gradient."""
+    V = 30
+    t, z, tokens = _case(V=V, seed=7)
+    ids, t_lp, w, rest = _rows(t, tokens, V, 8, np.random.default_rng(0))
+    assert (rest < 1e-6).all()
+    est, grad = _estimate(kind, z, ids, t_lp, w)
+    from test_losses import ref_div
+
+    zz = z.clone().requires_grad_(True)
+    # the stored logprobs are fixed-point: the reference uses the same decoded teacher
+    p = torch.zeros_like(t).scatter_(1, ids[:, :V].clamp(min=0), t_lp[:, :V].exp())
+    ref = ref_div(kind, p, torch.softmax(zz, -1), 0.3, 0.2)
+    ref.sum().backward()
+    torch.testing.assert_close(est, ref.detach(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad, zz.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_headtail_estimate_is_unbiased_monte_carlo(kind):
+    """Over many independent draws the mean estimate (value and gradient) is the exact divergence
+    of the whole distribution, within Monte Carlo error; the head alone (bucket) is biased."""
+    from test_losses import ref_div
+
+    V, head, draws, M = 60, 4, 8, 3000
+    t, z, tokens = _case(V=V, seed=11, n_rows=2)
+    zz = z.clone().requires_grad_(True)
+    exact = ref_div(kind, t.exp(), torch.softmax(zz, -1), 0.3, 0.2)
+    exact.sum().backward()
+    vals, grads = [], []
+    rng = np.random.default_rng(0)
+    for _ in range(M):
+        ids, t_lp, w, _ = _rows(t, tokens, head, draws, rng)
+        v, g = _estimate(kind, z, ids, t_lp, w)
+        vals.append(v)
+        grads.append(g)
+    vals, grads = torch.stack(vals), torch.stack(grads)
+    se_v = vals.std(0) / M**0.5
+    se_g = grads.std(0) / M**0.5
+    # within 4.5 standard errors, plus the fixed-point encoding of the logprobs (<= 1e-3 relative)
+    assert ((vals.mean(0) - exact.detach()).abs() <= 4.5 * se_v + 2e-3 * exact.detach().abs()).all(), (vals.mean(0), exact)
+    assert ((grads.mean(0) - zz.grad).abs() <= 4.5 * se_g + 2e-3 * zz.grad.abs() + 1e-6).all()
+    # the estimate is not trivially close: one draw set alone differs from the exact value
+    assert (vals[0] - exact.detach()).abs().max() > 10 * se_v.max()
+
+
+def test_format_md_example_reads_a_headtail_store_without_kdship(ht_store, tmp_path):
+    """cache/FORMAT.md's reading example on a headtail store, zarr and numpy only: the weights it
+    computes plus the data token's equal the trainer's view."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    md = (Path(__file__).resolve().parents[1] / "cache" / "FORMAT.md").read_text()
+    code = re.search(r"## Reading a store without kdship\s+```python\n(.*?)```", md, re.S).group(1)
+    out, _ = ht_store
+    code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(ids.shape[1], float(np.nansum(w[1:]).round(3)))\n"
+    res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    width, wsum = res.stdout.split()
+    sh = StoreReader(str(out)).read_shard(StoreReader(str(out)).shard_paths[-1])
+    assert int(width) == 12
+    assert float(wsum) == pytest.approx(float(sh.target_weights[:, :-1].astype(np.float64).sum().round(3)), abs=2e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Systematic draws and the "beyond" bucket
+
+
+def test_systematic_draws_are_unbiased_and_never_miss_a_large_residual_token():
+    """Each residual token's mean count over many rows is N * r_v (unbiased), and a token with
+    N * r_v >= 1 is drawn at least floor(N * r_v) times in every row (i.i.d. draws miss it often)."""
+    V, head, draws, M = 40, 3, 8, 4000
+    g = torch.Generator().manual_seed(3)
+    t = torch.log_softmax(torch.randn(1, V, generator=g, dtype=torch.float64) * 4.0, -1)[0].numpy()
+    order = np.argsort(-t)
+    ids = np.concatenate([np.full((1, V), -1), order[None]]).astype(np.int32)
+    lps = np.concatenate([np.full((1, V), -np.inf), t[order][None]])
+    tok = int(order[0])  # the data token in the head: the residual is everything beyond the head
+    r = np.exp(t[order[head:]])
+    r /= r.sum()
+    counts = np.zeros(V - head)
+    rng = np.random.default_rng(0)
+    for _ in range(M):
+        out = draw_headtail_targets(ids, lps, np.array([0, tok]), np.array([np.nan, np.nan]), head, draws, rng)
+        row_ids, row_c = out["target_ids"][1], out["target_counts"][1]
+        c = dict(zip(row_ids[row_c > 0].tolist(), row_c[row_c > 0].tolist()))
+        per = np.array([c.get(int(v), 0) for v in order[head:]])
+        assert per.sum() == draws
+        assert (per >= np.floor(draws * r + 1e-9)).all()
+        counts += per
+    se = np.sqrt(draws * r * (1 - r) / M) + 1e-12
+    assert (np.abs(counts / M - draws * r) <= 4.5 * se).all()
+    assert (draws * r >= 1).any()  # the case that makes the floor assertion bite
+
+
+def _truncate(t, tokens, head, n_cands):
+    """Candidate rows as vLLM gives them: only the top-``n_cands`` ids (sorted) and the data token's logprob."""
+    order = torch.argsort(t, -1, descending=True)[:, :n_cands]
+    ids = np.concatenate([np.full((1, n_cands), -1, np.int32), order.numpy().astype(np.int32)])
+    lps = np.concatenate([np.full((1, n_cands), -np.inf), torch.gather(t, 1, order).numpy()])
+    tok_lp = np.concatenate([[np.nan], t[torch.arange(len(tokens)), torch.as_tensor(tokens)].numpy()])
+    return ids, lps, np.concatenate([[0], tokens]), tok_lp
+
+
+@pytest.mark.parametrize("kind", DIVS)
+def test_beyond_bucket_is_the_bucket_divergence_when_nothing_can_be_drawn(kind):
+    """Candidates = the head only (vLLM with K' = h): every residual token lies beyond them, so the row is
+    exact head + data token + one bucket holding the rest, which is top-k KD with tail "bucket" over the
+    same exact entries; value and gradient match that loss."""
+    V, head = 50, 5
+    t, z, tokens = _case(V=V, seed=21)
+    ids, lps, toks, tok_lp = _truncate(t, tokens, head, head)
+    out = draw_headtail_targets(ids, lps, toks, tok_lp, head, 8, np.random.default_rng(0))
+    assert (out["target_counts"] == 0).all() and (out["missing_mass"][1:] > 0.05).all()
+    sh = Shard(tokens=toks.astype(np.int32), offsets=np.array([0, len(toks)]), sample_index=np.array([0]), loss_mask=np.ones(len(toks), bool),
+               **{k: v for k, v in out.items() if k != "missing_mass"})
+    sh.headtail_view()
+    ids_t, t_lp, w = torch.as_tensor(sh.topk_ids[1:]).long(), torch.as_tensor(sh.topk_logprobs[1:]).double(), torch.as_tensor(sh.target_weights[1:]).double()
+    assert (1 - w.sum(-1)).numpy() == pytest.approx(out["missing_mass"][1:], abs=1e-6)
+    est, grad = _estimate(kind, z, ids_t, t_lp, w)
+    zz = z.clone().requires_grad_(True)
+    s_lp = torch.log_softmax(zz, -1).gather(1, ids_t.clamp(min=0))
+    ref = kd_row_losses(LossConfig(kind=kind, tail="bucket", beta=0.3, alpha=0.2), s_lp, t_lp, ids_t >= 0)
+    ref.sum().backward()
+    torch.testing.assert_close(est, ref.detach(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad, zz.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_beyond_bucket_keeps_the_far_tail_alive():
+    """Truncated candidates (K' < V): with the bucket, fkl's gradient no longer pushes the student's mass
+    beyond the candidates to zero; at the teacher (q = p) its mean gradient there is ~0 instead of q."""
+    V, head, n_cands, M = 60, 4, 12, 400
+    t, _, tokens = _case(V=V, seed=5, n_rows=3)
+    ids, lps, toks, tok_lp = _truncate(t, tokens, head, n_cands)
+    far = torch.ones(3, V, dtype=torch.bool)
+    far.scatter_(1, torch.argsort(t, -1, descending=True)[:, :n_cands], False)
+    far[torch.arange(3), torch.as_tensor(tokens)] = False
+    grads = []
+    rng = np.random.default_rng(1)
+    for _ in range(M):
+        out = draw_headtail_targets(ids, lps, toks, tok_lp, head, 8, rng)
+        sh = Shard(tokens=toks.astype(np.int32), offsets=np.array([0, len(toks)]), sample_index=np.array([0]), loss_mask=np.ones(len(toks), bool),
+                   **{k: v for k, v in out.items() if k != "missing_mass"})
+        sh.headtail_view()
+        ids_t, t_lp, w = torch.as_tensor(sh.topk_ids[1:]).long(), torch.as_tensor(sh.topk_logprobs[1:]).double(), torch.as_tensor(sh.target_weights[1:]).double()
+        grads.append(_estimate("fkl", t.clone(), ids_t, t_lp, w)[1])
+    g = torch.stack(grads).mean(0)
+    q_far = t.exp()[far].sum()
+    without_bucket = q_far  # sum of q_v over the far tokens: what a loss with no bucket would push down
+    assert g[far].sum().abs() < 0.1 * without_bucket, (g[far].sum(), without_bucket)
