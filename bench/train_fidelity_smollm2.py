@@ -86,8 +86,6 @@ def heldout_kl(t_lps, student, ids_list) -> float:
 
 def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int | None = None, backend: str = "vllm", draws: int | None = None) -> dict:
     """`kdship cache` (a subprocess: the vLLM engine is gone before training starts)."""
-    from kdship.cache.inspect import inspect_store
-
     info_file = out.with_suffix(".info.json")
     if info_file.is_file() and out.is_dir():
         return json.loads(info_file.read_text())
@@ -103,15 +101,22 @@ def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, s
     secs = time.time() - t0
     if p.returncode != 0:
         raise RuntimeError(f"kdship cache failed ({p.returncode}): {p.stderr[-3000:]}")
-    info = inspect_store(str(out), verify=False)
     summary = json.loads(p.stdout[p.stdout.index("{"):])
-    rec = {"bytes": info["bytes_per_position"], "bytes_by_array": info["bytes_per_position_by_array"], "mass": info["mean_topk_mass"],
-           "valid_k": info["mean_valid_k"], "positions": info["positions"], "samples": info["samples"], "cache_s": round(secs, 1),
-           "backend": backend, "target_sampling": info.get("target_sampling"), "headtail": info.get("headtail"),
-           "missing_mass": summary.get("missing_mass")}
+    rec = store_info(out, {"cache_s": round(secs, 1), "backend": backend, "missing_mass": summary.get("missing_mass")})
     info_file.write_text(json.dumps(rec, indent=1))
     print(f"store {out.name}: {rec}", flush=True)
     return rec
+
+
+def store_info(out: Path, run: dict) -> dict:
+    """What `kdship inspect` says of a written store (bytes, masses), plus the facts of its cache run
+    (``run``: cache_s, backend, missing_mass); refreshed from the store whenever results are written."""
+    from kdship.cache.inspect import inspect_store
+
+    info = inspect_store(str(out), verify=False)
+    return {**run, "bytes": info["bytes_per_position"], "bytes_by_array": info["bytes_per_position_by_array"], "mass": info["mean_topk_mass"],
+            "valid_k": info["mean_valid_k"], "positions": info["positions"], "samples": info["samples"],
+            "target_sampling": info.get("target_sampling"), "headtail": info.get("headtail")}
 
 
 def distillkit_store(src: Path, out: Path) -> dict:
@@ -252,6 +257,9 @@ def main() -> None:
 
     held_ids = [tok(t)["input_ids"] for t in held_texts]
     if a.md_only:
+        for sname, st in state["stores"].items():  # inspect's figures afresh from the stores on disk
+            if st.get("backend") != "derived" and (WORK / sname).is_dir():
+                state["stores"][sname] = store_info(WORK / sname, {k: st.get(k) for k in ("cache_s", "backend", "missing_mass")})
         c = state["context"]
         write_md(state, c["kl0"], prune_info, a, names, seeds, c["held_positions"], c["wall_s"], c["mass"])
         return
@@ -375,8 +383,8 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
         lines.append(
             f"Default store: {ht_store['bytes']} bytes/position on disk, all arrays ({ht_store.get('bytes_by_array')}); exact head + data-token mass "
             f"{hs.get('mean_exact_mass')}, rest {hs.get('mean_rest_mass')} carried by {hs.get('mean_distinct_draws')} distinct draws per position; "
-            f"residual mass beyond vLLM's top-{ht_store['target_sampling']['candidates']} candidates (never drawn): {ht_store.get('missing_mass')} per position; "
-            f"max |sum of a row's weights - 1| {hs.get('max_weight_sum_error')}; written in {ht_store['cache_s']:.0f} s."
+            f"residual mass beyond vLLM's top-{ht_store['target_sampling']['candidates']} candidates (never drawn, trained as one bucket): {ht_store.get('missing_mass')} per position; "
+            f"max |sum of a row's weights + beyond mass - 1| {hs.get('max_weight_sum_error')} (the encoding's error); written in {ht_store['cache_s']:.0f} s."
         )
     if ctx.get("rest_mass_error"):
         e = ctx["rest_mass_error"]

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from kdship.store import StoreReader, _fs
+from kdship.store import REST_FLOOR, StoreReader, _fs
 
 # Below this many positions per shard a reader's fixed per-shard cost (~12 ms of zarr CPU) dominates
 # decoding: the trainer's loader then runs at a fraction of its rate (bench/RESULTS.md, train).
@@ -40,7 +40,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
     samples = positions = targeted = with_target = 0
     mass_sum = 0.0
     valid_k_sum = 0
-    ht = {"exact_mass": 0.0, "rest_mass": 0.0, "distinct_draws": 0, "max_weight_sum_error": 0.0}
+    ht = {"exact_mass": 0.0, "rest_mass": 0.0, "beyond_mass": 0.0, "distinct_draws": 0, "max_weight_sum_error": 0.0}
     for _, shard in r.iter_shards():
         samples += shard.num_samples
         positions += shard.num_positions
@@ -52,7 +52,10 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
                 ht["rest_mass"] += float(rest.sum())
                 ht["exact_mass"] += float((1.0 - rest).sum())
                 ht["distinct_draws"] += int(((shard.target_ids[sel] >= 0) & (shard.target_counts[sel] > 0)).sum())
-                err = np.abs(shard.target_weights[sel].astype(np.float64).sum(1) - 1.0).max()
+                bl = shard.beyond_logmass[sel].astype(np.float64)
+                beyond = np.where(bl > REST_FLOOR, np.exp(bl), 0.0)  # the trainer's bucket: the weights sum to 1 - B
+                ht["beyond_mass"] += float(beyond.sum())
+                err = np.abs(shard.target_weights[sel].astype(np.float64).sum(1) + beyond - 1.0).max()
                 ht["max_weight_sum_error"] = max(ht["max_weight_sum_error"], float(err))
         with_target += int(has.sum())
         sel = has & shard.loss_mask
@@ -76,6 +79,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
             "draws": (h.get("target_sampling") or {}).get("draws"),
             "mean_exact_mass": round(ht["exact_mass"] / targeted, 4),
             "mean_rest_mass": round(ht["rest_mass"] / targeted, 4),
+            "mean_beyond_mass": round(ht["beyond_mass"] / targeted, 4),
             "mean_distinct_draws": round(ht["distinct_draws"] / targeted, 2),
             "max_weight_sum_error": float(f"{ht['max_weight_sum_error']:.3g}"),
         }
@@ -138,7 +142,8 @@ def format_report(info: dict[str, Any]) -> str:
         lines.insert(
             6,
             f"headtail         exact head+token mass {ht['mean_exact_mass']}, rest mass {ht['mean_rest_mass']} "
-            f"estimated by {ht['mean_distinct_draws']} distinct of {ht['draws']} draws; max |sum of weights - 1| {ht['max_weight_sum_error']}",
+            f"estimated by {ht['mean_distinct_draws']} distinct of {ht['draws']} draws, {ht['mean_beyond_mass']} of it beyond the "
+            f"backend's candidates (never drawn: one bucket); max |sum of weights + beyond - 1| {ht['max_weight_sum_error']}",
         )
     if info.get("sampling"):
         lines.insert(2, f"sampling         {info['sampling']}")
