@@ -17,7 +17,7 @@ Targets (``--targets``, see ``kdship/cache/targets.py`` and cache/FORMAT.md):
 * ``headtail`` (default): the exact top-h head (h = ``--top-k``, default 4), the data token's own
   logprob, the exact rest mass beyond them, and ``--draws`` N (default 8) tokens drawn from the
   teacher's residual distribution beyond the head: an unbiased estimate of the whole distribution in
-  ~46 bytes per position with SmolLM2 (bench/cache_bytes.py).
+  ~47 bytes per position with SmolLM2 (bench/train_fidelity_smollm2.py).
 * ``topk``: the top-k ids and logprobs (k = ``--top-k``, default 32); the tail is one bucket or dropped.
 * ``sampled`` (random-sampling KD, arXiv:2503.16870): N = top_k draws from the whole distribution.
 
