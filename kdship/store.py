@@ -144,6 +144,10 @@ class StoreError(RuntimeError):
     """A store that cannot be read or written as asked; the message names the store and the part."""
 
 
+class StoreSettingsMismatch(StoreError):
+    """An existing store was written with other settings (teacher, data, targets...): resume refused."""
+
+
 def target_width(header: dict[str, Any]) -> int:
     """Columns of the [T, K] target arrays: top_k, or head + draws for headtail stores."""
     k = int(header["top_k"])
@@ -487,7 +491,7 @@ class StoreWriter:
                 diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(old, k)) != _canon(_settings_value(header, k))]
                 if diff:
                     detail = "; ".join(f"{k}: store has {old.get(k)!r}, asked {header.get(k)!r}" for k in diff)
-                    raise StoreError(
+                    raise StoreSettingsMismatch(
                         f"{self.url}: an existing store was written with different settings ({detail}). "
                         "Use --overwrite to replace it, or --out for a new store."
                     )

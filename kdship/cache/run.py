@@ -88,6 +88,10 @@ class CacheError(RuntimeError):
     """A run that cannot proceed as asked; the message names the option, file or row."""
 
 
+class StoreMismatch(CacheError):
+    """``--resume`` on a store written with other settings (another teacher, data or targets)."""
+
+
 def _row_seed(seed: int, row: int) -> int:
     d = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=4).digest()
     return int.from_bytes(d, "little") & 0x3FFFFFFF  # room for + sample number, < 2**31
@@ -192,7 +196,8 @@ def cache(
         raise CacheError(f"--targets {targets} needs the teacher's distribution; use --backend vllm or hf, or --targets topk")
 
     # ---- teacher: tokenizer and fingerprint ---------------------------------------------------
-    from kdship.cache.render import RenderError, load_tokenizer, render_prompt, render_score, teacher_fingerprint
+    from kdship.fingerprint import teacher_fingerprint
+    from kdship.render import RenderError, load_tokenizer, render_prompt, render_score
 
     _check_teacher(teacher, backend)
     try:
@@ -407,10 +412,12 @@ def plan_shards(n_records: int, positions: dict[int, int], shard_positions: int)
 
 
 def _open_writer(out, header, overwrite, resume):
-    from kdship.store import StoreError
+    from kdship.store import StoreError, StoreSettingsMismatch
 
     try:
         return StoreWriter(out, header, overwrite=overwrite, resume=resume)
+    except StoreSettingsMismatch as e:
+        raise StoreMismatch(str(e)) from e
     except StoreError as e:
         raise CacheError(str(e)) from e
 
@@ -451,7 +458,8 @@ def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_
         from kdship.cache.openai_backend import OpenAIBackend
 
         return OpenAIBackend(teacher_url, api_key=api_key, tokenizer=tok)
-    from kdship.cache.vllm_backend import DEFAULT_MAX_LOGPROBS, TeacherUnsupported, VLLMBackend, default_max_model_len
+    from kdship.cache.vllm_backend import VLLMBackend
+    from kdship.runtime.vllm_engine import DEFAULT_MAX_LOGPROBS, TeacherUnsupported, default_max_model_len
 
     need = max(top_k, sampled_candidates if targets != "topk" else 0)
     try:

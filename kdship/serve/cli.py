@@ -40,7 +40,8 @@ def serve_command(
 ) -> None:
     """Serve an exported student as an OpenAI-compatible HTTP endpoint (Ctrl-C / SIGTERM drains and stops)."""
     from kdship.config import ConfigError, resolve
-    from kdship.serve.server import ServeError, serve
+    from kdship.runtime.server_process import ServeError
+    from kdship.serve.server import serve
 
     flags = dict(
         backend=backend, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, int8=int8,

@@ -14,7 +14,7 @@ scheduler admits waiting requests into the running batch (iteration-level "conti
    columns that no remaining sequence uses, so the past does not grow with departed long prompts.
 
 Padding only ever sits on the left of a row, the layout the export verifies against PyTorch.
-The model is anything with the ``kdship.export.onnx_runtime.OnnxCausalLM`` interface:
+The model is anything with the ``kdship.runtime.onnx.OnnxCausalLM`` interface:
 ``.tokenizer``, ``.new_past(batch)`` and ``.forward(input_ids, attention_mask, position_ids, past)``.
 """
 

@@ -12,6 +12,8 @@ The loop, nanoGPT style::
 Run directory::
 
     RUN_DIR/config.yaml          the resolved config (defaults < --config YAML < flags)
+    RUN_DIR/kdship_run.json      the run manifest (store, held-out rule, loss, student; kdship.run_manifest),
+                                 also in final/: what `kdship export` and the demo read
     RUN_DIR/metrics.jsonl        one record per step (loss parts, lr, tokens/s, memory) and per eval
     RUN_DIR/loss.png             loss and held-out KL curves
     RUN_DIR/checkpoints/step_N/  model.safetensors, state.pt (optimizer, tensors only), state.json
@@ -36,9 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdship.heldout import DEFAULT_HELDOUT_FRACTION
+from kdship.run_manifest import MANIFEST_FILE, RunManifest
 
 log = logging.getLogger("kdship.train")
 
+DEFAULT_OUT = "runs/student"
 DEFAULTS: dict[str, Any] = {
     "student": None,
     "init_from_config": None,
@@ -61,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     "batch_tokens": 4096,
     "seed": 0,
-    "heldout_fraction": 0.02,
+    "heldout_fraction": DEFAULT_HELDOUT_FRACTION,
     "eval_samples": 64,
     "eval_every": 100,
     "ckpt_every": 200,
@@ -88,7 +93,7 @@ class TrainError(ValueError):
 
 
 def _tokenizer_sha256(tok) -> str:
-    from kdship.cache.render import tokenizer_sha256
+    from kdship.fingerprint import tokenizer_sha256
 
     return tokenizer_sha256(tok)
 
@@ -208,7 +213,7 @@ def load_online_teacher(path: str, store_header: dict[str, Any], store: str, voc
     if getattr(model.config, "final_logit_softcapping", None):
         raise TrainError(f"--online-teacher {path}: final-logit soft-capping is not implemented (the logits are taken from its lm_head)")
     try:  # a different teacher with the same tokenizer is allowed, but the reference is then not the store's
-        from kdship.cache.render import weights_sha256
+        from kdship.fingerprint import weights_sha256
 
         want_w = (store_header.get("teacher") or {}).get("weights_sha256")
         if want_w and weights_sha256(path) != want_w:
@@ -512,7 +517,7 @@ def _lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def train(store: str, student: str | None = None, out: str = "runs/student", config: str | None = None, **options: Any) -> dict[str, Any]:
+def train(store: str, student: str | None = None, out: str = DEFAULT_OUT, config: str | None = None, **options: Any) -> dict[str, Any]:
     """Train ``student`` (or a fresh model) on ``store``; write the run to ``out``. Returns a summary.
 
     ``options``: any key of ``DEFAULTS`` (they override ``config``, a YAML file).
@@ -548,6 +553,7 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
         raise TrainError(f"--temperature: a {header.get('targets')}-targets store was drawn at temperature 1; use --temperature 1")
 
     model, tok, student_name = load_student(cfg["student"], cfg["init_from_config"], cfg["layers"], cfg["hidden"], int(cfg["seed"]))
+    manifest = RunManifest.from_config(cfg, str(store), student_name)
     check_tokenizer(header, tok, student_name, store)
     vocab_tok = len(tok)
     emb_rows = model.get_output_embeddings().weight.shape[0]
@@ -640,6 +646,7 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
     if dist_ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml({**cfg, "store": str(store), "out": str(out_dir), "world_size": dist_ctx.world, "device": str(device)}, out_dir / "config.yaml")
+        manifest.write(out_dir)
     dist_ctx.barrier()
     metrics = Metrics(out_dir, dist_ctx.main, bool(cfg["tensorboard"]), start_step if resumed_from else None)
     loader = make_loader(state=loader_state, max_epochs=int(cfg["epochs"]) if cfg["epochs"] is not None else None)
@@ -746,6 +753,7 @@ def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary
     model.config.use_cache = True
     model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
     tok.save_pretrained(tmp)
+    shutil.copy2(out_dir / MANIFEST_FILE, tmp / MANIFEST_FILE)
     (tmp / "kdship_train.json").write_text(json.dumps({"store": str(store), **{k: v for k, v in summary.items() if k != "final"}}, indent=1, default=str))
     if final.exists():
         shutil.rmtree(final)
