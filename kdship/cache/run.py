@@ -39,7 +39,7 @@ import numpy as np
 
 from kdship.cache.targets import draw_headtail_targets, draw_sampled_targets
 from kdship.data import DataError, Row, data_fingerprint, read_rows
-from kdship.store import Shard, StoreWriter, shard_path
+from kdship.store import Shard, StoreHeader, StoreWriter, shard_path
 
 log = logging.getLogger("kdship.cache")
 
@@ -269,30 +269,30 @@ def cache(
     k_store = top_k
     if backend == "openai":
         k_store = None  # decided by the backend's cap, below
-    header = {
-        "mode": mode,
-        "top_k": k_store,
-        "targets": targets,
-        "target_sampling": _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed),
-        "teacher": fp,
-        "sampling": (
+    header = StoreHeader(
+        mode=mode,
+        top_k=k_store,
+        targets=targets,
+        target_sampling=_target_sampling(targets, top_k, draws, backend, sampled_candidates, seed),
+        teacher=fp,
+        sampling=(
             {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
             if mode == "generate"
             else {}
         ),
-        "logprobs_mode": "raw_logprobs",
-        "max_length": eff_max_len,
-        "overflow": overflow,
-        "data": dict(data_fingerprint(data), num_records=n_records, skip_bad=skip_bad, split=split),
-        "shard_size": shard_size,
-        "shard_positions": shard_positions if shard_size is None else None,
-        "filters": (
+        logprobs_mode="raw_logprobs",
+        max_length=eff_max_len,
+        overflow=overflow,
+        data=dict(data_fingerprint(data), num_records=n_records, skip_bad=skip_bad, split=split),
+        shard_size=shard_size,
+        shard_positions=shard_positions if shard_size is None else None,
+        filters=(
             {"filter": filter, "min_new_tokens": min_new_tokens, "max_new_tokens": max_response_tokens, "dedupe": dedupe, "require_finished": require_finished}
             if mode == "generate"
             else None
         ),
-        "num_shards_total": n_total_shards,
-    }
+        num_shards_total=n_total_shards,
+    )
 
     # ---- backend (built lazily: a finished store is checked without starting an engine) ----------
     state: dict[str, Any] = {"backend": teacher_backend}
@@ -307,8 +307,7 @@ def cache(
         return state["backend"]
 
     if backend == "openai":
-        header["top_k"] = get_backend().effective_top_k(top_k)
-        k_store = header["top_k"]
+        header.top_k = k_store = get_backend().effective_top_k(top_k)
     writer = _open_writer(out, header, overwrite, resume)
     committed = set(writer.committed())
     mine = [s for s in range(n_total_shards) if s % num_shards == shard_index]
