@@ -28,6 +28,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+# the ONNX engine's batch and queue sizes: stated here once, used by the app, the server and the CLI help
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUE = 256
+
 import numpy as np
 
 log = logging.getLogger("kdship.serve")
@@ -149,8 +153,8 @@ class ContinuousBatchingEngine:
     def __init__(
         self,
         model: Any,
-        max_batch: int = 16,
-        max_queue: int = 256,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         max_prefill_tokens: int = 4096,
         eos_token_ids: list[int] | None = None,
         stats: BatchStats | None = None,

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from kdship.runtime.server_process import API_KEY_ENV, ServeError, default_model_name, resolve_model_dir
+from kdship.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 
 log = logging.getLogger("kdship.serve")
 
@@ -114,8 +115,8 @@ def _serve_vllm(hf_dir: Path, host: str, port: int, api_key: str | None, max_bat
 def build_onnx_app(
     onnx_dir: str | Path,
     api_key: str | None = None,
-    max_batch: int = 16,
-    max_queue: int = 256,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_queue: int = DEFAULT_MAX_QUEUE,
     int8: bool = False,
     max_model_len: int | None = None,
     model_name: str | None = None,
@@ -169,8 +170,8 @@ def serve(
     """Serve ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
 
     ``api_key`` (or env ``KDSHIP_API_KEY``): required as ``Authorization: Bearer KEY`` on ``/v1/*``.
-    ``max_batch``: sequences decoded together (onnx, default 16; vllm ``--max-num-seqs``).
-    ``max_queue``: requests waiting beyond the batch before 429 (onnx, default 256).
+    ``max_batch``: sequences decoded together (onnx, default ``DEFAULT_MAX_BATCH``; vllm ``--max-num-seqs``).
+    ``max_queue``: requests waiting beyond the batch before 429 (onnx, default ``DEFAULT_MAX_QUEUE``).
     ``int8``: serve ``model.int8.onnx`` (onnx only). ``max_model_len``: context limit (prompt + output).
     ``threads``: ONNX Runtime intra-op threads (default: ONNX Runtime's choice, one per core).
     ``spin``: ONNX Runtime's idle threads busy-wait for work (lowest latency); ``False`` on shared CPUs.
@@ -193,4 +194,4 @@ def serve(
         if threads is not None:
             log.warning("--threads applies to the onnx backend (for vLLM set OMP_NUM_THREADS)")
         return _serve_vllm(path, host, port, api_key, max_batch, max_queue, max_model_len, name)
-    return _serve_onnx(path, host, port, api_key, max_batch or 16, max_queue or 256, int8, max_model_len, name, log_level, threads, spin)
+    return _serve_onnx(path, host, port, api_key, max_batch or DEFAULT_MAX_BATCH, max_queue or DEFAULT_MAX_QUEUE, int8, max_model_len, name, log_level, threads, spin)
