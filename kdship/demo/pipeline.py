@@ -61,10 +61,11 @@ class DemoSizes:
     epochs: int = 2
     batch_tokens: int = 2048
     lr: float = 5e-4
-    kd_loss: str = "fkl"
-    kd_tail: str = "bucket"
-    kd_ce_weight: float = 0.0  # 0.5 mixes CE on the data tokens into the KD loss (see docs/demo.md)
-    temperature: float = 1.0
+    # the KD student's loss: None = `kdship train`'s default (the demo shows the defaults; see kd_settings)
+    kd_loss: str | None = None
+    kd_tail: str | None = None
+    kd_ce_weight: float | None = None
+    temperature: float | None = None
     seed: int = 0
     eval_max_items: int = 24  # items per eval split (held-out, OOD, each perturbation)
     perturb: tuple[str, ...] = ("typo", "distractor")
@@ -263,7 +264,7 @@ class Demo:
             eval_every=0, ckpt_every=50,
         )
         if loss != "sft":
-            opts.update(tail=s.kd_tail, temperature=s.temperature, ce_weight=s.kd_ce_weight)
+            opts.update(kd_settings(s, with_loss=False))
         summary = train(self.results["cache_score"]["store"], student=self.results["prune"]["dir"], out=str(out), **opts)
         if not summary.get("final"):
             raise RuntimeError(f"kdship train {name}: no final model in {out}: {summary}")
@@ -435,17 +436,16 @@ def run_demo(
     dfp = a.get("data_fp") or {}
     teacher_fp = a.get("teacher_fp")
     cache_keys = ("top_k", "max_length", "shard_size", "seed")
-    f_score = fp("cache_score", teacher_fp, dfp.get("train"), {k: s[k] for k in cache_keys})
+    f_score = fp("cache_score", teacher_fp, dfp.get("train"), {k: s[k] for k in cache_keys}, cache_defaults())
     stage("cache_score", f_score, lambda: demo.cache_stage("score"), lambda r: Path(r["store"], "zarr.json").is_file())
-    f_gen = fp("cache_generate", teacher_fp, dfp.get("prompts"), {k: s[k] for k in cache_keys + ("max_new_tokens", "gen_temperature", "gen_top_p")})
+    f_gen = fp("cache_generate", teacher_fp, dfp.get("prompts"), {k: s[k] for k in cache_keys + ("max_new_tokens", "gen_temperature", "gen_top_p")}, cache_defaults())
     stage("cache_generate", f_gen, lambda: demo.cache_stage("generate"), lambda r: Path(r["store"], "zarr.json").is_file())
     _close_engines()
     f_prune = fp("prune", teacher_fp, dfp.get("train"), s["keep_layers"], s["calibration_tokens"])
     stage("prune", f_prune, demo.prune, lambda r: Path(r["dir"], "config.json").is_file())
     train_keys = ("epochs", "batch_tokens", "lr", "seed")
-    kd_keys = train_keys + ("kd_loss", "kd_tail", "temperature") + (("kd_ce_weight",) if s["kd_ce_weight"] else ())
-    f_kd = fp("train_kd", f_score, f_prune, {k: s[k] for k in kd_keys})
-    stage("train_kd", f_kd, lambda: demo.train_stage("kd", sizes.kd_loss), lambda r: Path(r["final"], "config.json").is_file())
+    f_kd = fp("train_kd", f_score, f_prune, {k: s[k] for k in train_keys}, kd_settings(sizes))
+    stage("train_kd", f_kd, lambda: demo.train_stage("kd", kd_settings(sizes)["loss"]), lambda r: Path(r["final"], "config.json").is_file())
     f_sft = fp("train_sft", f_score, f_prune, {k: s[k] for k in train_keys})
     stage("train_sft", f_sft, lambda: demo.train_stage("sft", "sft"), lambda r: Path(r["final"], "config.json").is_file())
     f_eval = fp("eval", teacher_fp, dfp.get("heldout"), dfp.get("ood"), f_kd, f_sft, s["eval_max_items"], s["perturb"])
@@ -461,6 +461,26 @@ def run_demo(
     report = write_report(demo, sizes, time.time() - t_start)
     demo.timings["total"] = {"seconds": round(time.time() - t_start, 1)}
     return {"out": str(out), "report": report["dir"], "table": report["table"], "timings": demo.timings, "skipped": demo.skipped, "results": demo.results}
+
+
+def kd_settings(sizes: DemoSizes, with_loss: bool = True) -> dict[str, Any]:
+    """The KD student's loss settings as `kdship train` will use them: the demo's overrides, else the
+    trainer's defaults (so a changed default redoes the KD stage, and the report names what ran)."""
+    from kdship.train.trainer import DEFAULTS
+
+    given = {"loss": sizes.kd_loss, "tail": sizes.kd_tail, "ce_weight": sizes.kd_ce_weight, "temperature": sizes.temperature}
+    out = {k: (DEFAULTS[k] if v is None else v) for k, v in given.items()}
+    if not with_loss:
+        out.pop("loss")
+    return out
+
+
+def cache_defaults() -> dict[str, Any]:
+    """`kdship cache`'s target defaults and the store format: a change re-caches the demo's stores."""
+    from kdship.cache.run import DEFAULTS, TOP_K_DEFAULT
+    from kdship.store import FORMAT_VERSION
+
+    return {"format": FORMAT_VERSION, "targets": DEFAULTS["targets"], "top_k": TOP_K_DEFAULT, "draws": DEFAULTS["draws"], "candidates": DEFAULTS["sampled_candidates"]}
 
 
 def _close_engines() -> None:
