@@ -64,7 +64,7 @@ def kl_topk(exact: np.ndarray, decoded: np.ndarray) -> np.ndarray:
 def teacher_rows(teacher: str, n_conv: int, kmax: int):
     """Exact top-kmax (float32 forward) for chitchat conversations rendered with the chat template."""
     from kdship.cache.hf_backend import HFBackend
-    from kdship.cache.render import load_tokenizer, render_score
+    from kdship.render import load_tokenizer, render_score
     from kdship.data import Row
     from kdship.demo.assets import chitchat_conversations
 

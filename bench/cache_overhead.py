@@ -60,9 +60,9 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from kdship.cache.render import load_tokenizer, render_prompt, render_score
+    from kdship.render import load_tokenizer, render_prompt, render_score
     from kdship.cache.run import cache
-    from kdship.cache.vllm_backend import DEFAULT_MAX_LOGPROBS, default_max_model_len
+    from kdship.runtime.vllm_engine import DEFAULT_MAX_LOGPROBS, default_max_model_len
     from kdship.data import read_rows
     from kdship.demo.assets import chitchat_conversations
     from kdship.tiny import write_jsonl

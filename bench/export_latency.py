@@ -119,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    from kdship.export.onnx_runtime import OnnxCausalLM
+    from kdship.runtime.onnx import OnnxCausalLM
     from kdship.export.run import export
     from kdship.export import verify as V
 

@@ -140,7 +140,7 @@ def engine_only(onnx_dir: Path, batches: list[int], n: int, prompt_words: int, o
     """All ``n`` requests submitted at once to :class:`ContinuousBatchingEngine`; wall time to the last."""
     import threading
 
-    from kdship.export.onnx_runtime import OnnxCausalLM
+    from kdship.runtime.onnx import OnnxCausalLM
     from kdship.profile.run import synthetic_prompt
     from kdship.serve.engine import ContinuousBatchingEngine, GenerationRequest, SamplingParams
 

@@ -62,3 +62,15 @@ def _plain(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
+
+
+def with_default(help_text: str, defaults: dict[str, Any], key: str) -> str:
+    """``help_text`` + " Default X." with X read from the verb's ``defaults`` (the one place it is stated)."""
+    v = defaults[key]
+    if isinstance(v, bool):
+        shown = "on" if v else "off"
+    elif isinstance(v, (list, tuple)):
+        shown = ",".join(map(str, v))
+    else:
+        shown = str(v)
+    return f"{help_text.rstrip()} Default {shown}."

@@ -3,7 +3,7 @@
 A store is a Zarr v3 group (a local folder or an fsspec URL) documented in ``cache/FORMAT.md``::
 
     STORE/
-      zarr.json                 root group; attribute "kdship" = the header (see ``Header``)
+      zarr.json                 root group; attribute "kdship" = the header (see ``StoreHeader``)
       shards/s000000/           one group per shard, written completely, then committed
         tokens        int32 [T]       the shard's samples, concatenated
         offsets       int64 [S+1]     sample i is tokens[offsets[i]:offsets[i+1]]
@@ -41,7 +41,7 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator
 
 import warnings
@@ -113,25 +113,50 @@ UINT16_PAD = 65535
 # loader decoded 0.74 M positions per CPU-second, at 32768 1.2 M (bench/train_throughput.py).
 CHUNK_POSITIONS = 32768
 
-# Header keys that define what the targets mean. Re-opening a store with any of these different is
-# refused (unless overwrite): targets cached under one teacher / template / k are wrong under another.
-SETTINGS_KEYS = (
-    "format_version",
-    "mode",
-    "top_k",
-    "targets",
-    "teacher",
-    "sampling",
-    "logprobs_mode",
-    "max_length",
-    "overflow",
-    "data",
-    "shard_size",
-    "shard_positions",
-    "encoding",
-    "target_sampling",
-    "filters",
-)
+
+
+def _setting() -> Any:
+    """A required header field that defines what the targets mean (compared on resume)."""
+    return field(metadata={"setting": True})
+
+
+@dataclass
+class StoreHeader:
+    """The header: root attribute ``"kdship"`` of a store (cache/FORMAT.md, "Header"), built by
+    ``kdship cache`` and read back by every reader as the dict ``StoreReader.header``.
+
+    Fields marked as settings define what the targets mean: re-opening a store with any of them
+    different is refused (unless overwrite), since targets cached under one teacher, template or k
+    are wrong under another. The writer adds the bookkeeping keys (``format_version``,
+    ``kdship_version``, ``complete_shards``, ``complete``) and, when None, the target kind's
+    ``encoding``.
+    """
+
+    mode: str = _setting()
+    top_k: int | None = _setting()
+    targets: str = _setting()
+    target_sampling: dict[str, Any] | None = _setting()
+    teacher: dict[str, Any] = _setting()
+    sampling: dict[str, Any] = _setting()
+    logprobs_mode: str = _setting()
+    max_length: int | None = _setting()
+    overflow: str = _setting()
+    data: dict[str, Any] = _setting()
+    shard_size: int | None = _setting()
+    shard_positions: int | None = _setting()
+    filters: dict[str, Any] | None = _setting()
+    encoding: dict[str, Any] | None = field(default=None, metadata={"setting": True})
+    num_shards_total: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["encoding"] is None:
+            del d["encoding"]  # the writer picks the target kind's default
+        return d
+
+
+# Header keys that must match to resume a store: StoreHeader's settings, and the format version.
+SETTINGS_KEYS = ("format_version",) + tuple(f.name for f in fields(StoreHeader) if f.metadata.get("setting"))
 # Teacher fields compared on resume: where the teacher lives may change, what it is may not.
 TEACHER_IDENTITY_KEYS = ("weights_sha256", "vocab_size", "tokenizer_sha256", "chat_template_sha256")
 
@@ -142,6 +167,10 @@ LOGPROB_MANTISSA_BITS = 5
 
 class StoreError(RuntimeError):
     """A store that cannot be read or written as asked; the message names the store and the part."""
+
+
+class StoreSettingsMismatch(StoreError):
+    """An existing store was written with other settings (teacher, data, targets...): resume refused."""
 
 
 def target_width(header: dict[str, Any]) -> int:
@@ -469,9 +498,9 @@ class StoreWriter:
     Several processes may write disjoint shards of one *local* store at once: commits take a lock.
     """
 
-    def __init__(self, url: str, header: dict[str, Any], overwrite: bool = False, resume: bool = True):
+    def __init__(self, url: str, header: "StoreHeader | dict[str, Any]", overwrite: bool = False, resume: bool = True):
         self.url = str(url)
-        header = dict(header)
+        header = header.to_dict() if isinstance(header, StoreHeader) else dict(header)
         header["format_version"] = FORMAT_VERSION
         header.setdefault("encoding", default_encoding(header.get("targets") or "topk", (header.get("teacher") or {}).get("vocab_size")))
         self.top_k = target_width(header)
@@ -487,7 +516,7 @@ class StoreWriter:
                 diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(old, k)) != _canon(_settings_value(header, k))]
                 if diff:
                     detail = "; ".join(f"{k}: store has {old.get(k)!r}, asked {header.get(k)!r}" for k in diff)
-                    raise StoreError(
+                    raise StoreSettingsMismatch(
                         f"{self.url}: an existing store was written with different settings ({detail}). "
                         "Use --overwrite to replace it, or --out for a new store."
                     )

@@ -263,7 +263,7 @@ def test_cache_generate_through_openai_backend_with_filters(vllm_server, tiny_te
     """kdship cache --mode generate --backend openai: k recorded honestly, rejects written and counted."""
     from kdship.cache.openai_backend import OpenAIBackend
     from kdship.cache.run import cache
-    from kdship.eval.metrics import extract_answer
+    from kdship.answers import extract_answer
     from kdship.store import StoreReader
     from kdship.tiny import synthetic_sentences, write_jsonl
     from transformers import AutoTokenizer

@@ -80,7 +80,7 @@ def test_missing_and_unknown_data(tmp_path):
 
 
 def test_chat_rendering_masks_assistant_turns(tiny_teacher, corpus_dir):
-    from kdship.cache.render import load_tokenizer, render_score
+    from kdship.render import load_tokenizer, render_score
 
     tok = load_tokenizer(str(tiny_teacher))
     rows, _ = read_rows(corpus_dir / "chat.jsonl")

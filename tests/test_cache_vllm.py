@@ -27,7 +27,7 @@ TOL = 1e-4  # nat: vLLM and transformers must agree this closely
 
 @pytest.fixture(scope="module")
 def vbackend(tiny_teacher):
-    from kdship.cache.render import load_tokenizer
+    from kdship.render import load_tokenizer
     from kdship.cache.vllm_backend import VLLMBackend
 
     tok = load_tokenizer(str(tiny_teacher))
@@ -47,7 +47,7 @@ def _logprobs(model, tokens):
 
 
 def _seqs(tiny_teacher, corpus_dir, n=6):
-    from kdship.cache.render import load_tokenizer
+    from kdship.render import load_tokenizer
     from kdship.data import read_rows
 
     tok = load_tokenizer(str(tiny_teacher))
@@ -191,7 +191,7 @@ def test_engine_calls_bounded_by_entries_give_the_same_store(tmp_path, vbackend,
 
 
 def test_refuses_teacher_the_cpu_kernels_cannot_run(tmp_path):
-    from kdship.cache.vllm_backend import TeacherUnsupported, check_teacher_runs
+    from kdship.runtime.vllm_engine import TeacherUnsupported, check_teacher_runs
     from kdship.tiny import build_tiny_llama
 
     d = build_tiny_llama(tmp_path / "h16", hidden=64, layers=1, heads=4, kv_heads=1, vocab_size=300)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from kdship import answers as A
 from kdship.eval import metrics as M
 from kdship.eval.perturb import PERTURBATIONS, parse_perturbations, perturb_text
 
@@ -30,7 +31,7 @@ from kdship.eval.perturb import PERTURBATIONS, parse_perturbations, perturb_text
     ],
 )
 def test_extract_answer(text, want):
-    assert M.extract_answer(text) == want
+    assert A.extract_answer(text) == want
 
 
 def test_exact_match_hand_values():
@@ -41,7 +42,7 @@ def test_exact_match_hand_values():
     assert M.exact_match("I don't know", ref) == 0.0
     # "#### X" wins over a later number in the text
     assert M.exact_match("#### 7 (checked with 3 and 4)", ref) == 1.0
-    assert M.answers_equal("1,000", "1000.00") and not M.answers_equal(None, "1")
+    assert A.answers_equal("1,000", "1000.00") and not A.answers_equal(None, "1")
 
 
 # ---- ROUGE-L -----------------------------------------------------------------------------------------

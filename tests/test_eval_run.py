@@ -12,6 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from kdship.answers import extract_answer
 from kdship.eval import metrics as M
 from kdship.eval.run import evaluate, parse_model_specs
 from kdship.tiny import synthetic_sentences, write_jsonl
@@ -38,7 +39,7 @@ def _items(out: Path) -> list[dict]:
 
 
 def test_lm_perplexity_kl_retention_against_direct_forward(tiny_teacher, tiny_student, corpus_dir, tmp_path, hf):
-    from kdship.cache.render import render_score
+    from kdship.render import render_score
     from kdship.data import read_rows
 
     ood = write_jsonl(tmp_path / "ood.jsonl", [{"text": "Quantum chromodynamics describes quarks and gluons."}, {"text": "Zebras juggled seventeen umbrellas quietly."}])
@@ -114,7 +115,7 @@ def test_answer_task_exact_match_and_attack_success(tiny_teacher, tiny_student, 
     found = []
     for p, row in zip(prompts, g[:, L:].tolist()):
         row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        ans = M.extract_answer(tok.decode(row, skip_special_tokens=True))
+        ans = extract_answer(tok.decode(row, skip_special_tokens=True))
         if ans is not None and len(found) < 2:
             found.append((p, ans))
     assert found, "no greedy continuation of the tiny teacher holds a number"
@@ -130,7 +131,7 @@ def test_answer_task_exact_match_and_attack_success(tiny_teacher, tiny_student, 
             its = [i for i in items if i["split"] == split and i["model"] == name]
             assert len(its) == len(rows)
             for i in its:  # every verdict re-derived from the stored generation
-                assert i["correct"] == (M.extract_answer(i["generation"]) is not None and M.extract_answer(i["generation"]) == i["reference_answer"])
+                assert i["correct"] == (extract_answer(i["generation"]) is not None and extract_answer(i["generation"]) == i["reference_answer"])
             assert rep["splits"][split]["metrics"][name]["exact_match"] == pytest.approx(np.mean([i["correct"] for i in its]))
             if split != "id":
                 before = [i["correct"] for i in items if i["split"] == "id" and i["model"] == name]

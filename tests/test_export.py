@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kdship.export.onnx import ExportError
-from kdship.export.onnx_runtime import OnnxCausalLM, OnnxModelError, position_ids_from_mask
+from kdship.runtime.onnx import OnnxCausalLM, OnnxModelError, position_ids_from_mask
 from kdship.export.run import export
 
 
@@ -138,16 +138,16 @@ def test_sampling_is_seeded_and_eos_stops(exported):
 
 
 def test_topk_kl_matches_full_kl_when_k_is_vocab():
-    from kdship.export.verify import topk_kl
+    from kdship.divergence import topk_rest_kl
 
     rng = np.random.default_rng(0)
     lt = rng.normal(size=(4, 10)); lt -= np.log(np.exp(lt).sum(-1, keepdims=True))
     ls = rng.normal(size=(4, 10)); ls -= np.log(np.exp(ls).sum(-1, keepdims=True))
     full = (np.exp(lt) * (lt - ls)).sum(-1)
     ids = np.tile(np.arange(10), (4, 1))
-    np.testing.assert_allclose(topk_kl(lt, ls, ids), full, atol=1e-9)
-    assert np.allclose(topk_kl(lt[:, :3], lt[:, :3], ids[:, :3]), 0.0)
-    assert (topk_kl(lt[:, :3], ls[:, :3], ids[:, :3]) > 0).all()
+    np.testing.assert_allclose(topk_rest_kl(ids, lt, ls), full, atol=1e-9)
+    assert np.allclose(topk_rest_kl(ids[:, :3], lt[:, :3], lt[:, :3]), 0.0)
+    assert (topk_rest_kl(ids[:, :3], lt[:, :3], ls[:, :3]) > 0).all()
 
 
 def test_run_folder_resolves_to_final(tmp_path, tiny_student):
@@ -208,3 +208,22 @@ def test_cli_export_onnx_only(tmp_path, tiny_student):
     assert res.exit_code == 0, res.output
     assert (out / "onnx" / "model.onnx").is_file() and not (out / "hf").exists()
     assert "onnx fp32" in res.output and json.loads((out / "export_report.json").read_text())["passed"]
+
+
+def test_export_of_a_run_measures_kl_on_the_runs_heldout_samples(tmp_path, tiny_student, teacher_store):
+    """`kdship export RUN` with nothing retyped: the store and the held-out rule come from the run manifest."""
+    from kdship.heldout import heldout_mask
+    from kdship.run_manifest import read_manifest
+    from kdship.store import StoreReader
+    from kdship.train.trainer import train
+
+    run = tmp_path / "run"
+    train(str(teacher_store), student=str(tiny_student), out=str(run), max_steps=1, heldout_fraction=0.5, eval_every=0, ckpt_every=0,
+          batch_tokens=256, progress=False)
+    m = read_manifest(run)
+    assert m is not None and m.store == str(teacher_store) and m.heldout_fraction == 0.5 and read_manifest(run / "final") == m
+    report = export(run, tmp_path / "out", formats="onnx", prompts=2, new_tokens=4, vllm=False)
+    kl = report["verify"]["kl_to_teacher"]
+    assert kl["store"] == str(teacher_store) and "fraction=0.5" in kl["heldout_rule"]
+    held = sum(int(heldout_mask(sh.sample_hash, 0.5).sum()) for _, sh in StoreReader(str(teacher_store)).iter_shards())
+    assert 0 < kl["samples"] <= held and kl["onnx"] >= 0

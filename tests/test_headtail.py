@@ -5,7 +5,6 @@ loss against a dense float64 reference (value and gradient), its unbiasedness by
 store round trip (raw zarr too), v1 stores and unknown versions, resume, ``kdship inspect``.
 """
 
-import json
 
 import numpy as np
 import pytest

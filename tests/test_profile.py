@@ -19,7 +19,7 @@ def export_dir(tmp_path_factory, tiny_student):
 
 def test_profile_two_targets_writes_report(export_dir, tmp_path):
     from kdship.profile.run import profile
-    from kdship.serve.server import launch
+    from kdship.runtime.server_process import launch
 
     out = tmp_path / "report"
     with launch(export_dir, backend="onnx", max_batch=1) as one_at_a_time:
@@ -76,7 +76,7 @@ def test_profile_counts_failed_requests(export_dir, tmp_path):
     """Requests the server rejects are counted as errors with their reason, not a crash; a wrong key
     fails up front with the status named."""
     from kdship.profile.run import ProfileError, profile
-    from kdship.serve.server import launch
+    from kdship.runtime.server_process import launch
 
     with launch(export_dir, backend="onnx", api_key="right-key", max_model_len=16) as h:
         with pytest.raises(ProfileError, match="401"):

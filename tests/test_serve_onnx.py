@@ -25,14 +25,14 @@ def export_dir(tmp_path_factory, tiny_student):
 
 @pytest.fixture(scope="module")
 def ort_model(export_dir):
-    from kdship.export.onnx_runtime import OnnxCausalLM
+    from kdship.runtime.onnx import OnnxCausalLM
 
     return OnnxCausalLM(export_dir / "onnx")
 
 
 @pytest.fixture(scope="module")
 def server(export_dir):
-    from kdship.serve.server import launch
+    from kdship.runtime.server_process import launch
 
     h = launch(export_dir, backend="onnx", api_key=API_KEY, max_batch=8, max_queue=64, max_model_len=256)
     yield h
@@ -195,7 +195,7 @@ def test_concurrent_requests_are_batched_and_correct(server, client, ort_model):
 
 
 def test_int8_server_queue_full_429_then_sigterm_drains(export_dir):
-    from kdship.serve.server import launch
+    from kdship.runtime.server_process import launch
 
     h = launch(export_dir, backend="onnx", max_batch=1, max_queue=4, int8=True)
     try:

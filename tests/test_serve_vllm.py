@@ -15,7 +15,8 @@ def export_dir(tmp_path_factory, tiny_student):
 
 
 def test_vllm_command_line_on_cpu(export_dir):
-    from kdship.serve.server import resolve_model_dir, vllm_command
+    from kdship.runtime.server_process import resolve_model_dir
+    from kdship.serve.server import vllm_command
 
     hf = resolve_model_dir(export_dir, "vllm")
     assert hf == export_dir / "hf"
@@ -28,7 +29,7 @@ def test_vllm_command_line_on_cpu(export_dir):
 
 
 def test_vllm_server_answers_once_and_stops(export_dir, ort_greedy_reference):
-    from kdship.serve.server import launch
+    from kdship.runtime.server_process import launch
 
     h = launch(export_dir, backend="vllm", api_key=API_KEY, max_batch=4, max_model_len=128, startup_timeout=240)
     try:
@@ -52,7 +53,7 @@ def test_vllm_server_answers_once_and_stops(export_dir, ort_greedy_reference):
 
 @pytest.fixture(scope="module")
 def ort_greedy_reference(export_dir):
-    from kdship.export.onnx_runtime import OnnxCausalLM
+    from kdship.runtime.onnx import OnnxCausalLM
 
     m = OnnxCausalLM(export_dir / "onnx")
     prompt = "The small cat finds a fish"

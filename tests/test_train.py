@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from kdship.tiny import build_tiny_llama, build_tokenizer, synthetic_sentences
-from kdship.train.loader import StoreLoader, heldout_mask
+from kdship.heldout import heldout_mask
+from kdship.train.loader import StoreLoader
 from kdship.train.trainer import TrainError, train
 
 from train_stores import write_teacher_store

@@ -24,7 +24,7 @@ def write_teacher_store(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdship.cache.render import teacher_fingerprint
+    from kdship.fingerprint import teacher_fingerprint
     from kdship.store import Shard, StoreWriter
 
     tok = AutoTokenizer.from_pretrained(teacher)

@@ -9,6 +9,9 @@ from typing import Optional
 
 import typer
 
+from kdship.cache.run import DEFAULTS, TOP_K_DEFAULT
+from kdship.config import with_default
+
 
 def cache_command(
     teacher: str = typer.Argument(..., help="Teacher: a local Hugging Face model directory (or a hub id where a hub is reachable)."),
@@ -16,26 +19,26 @@ def cache_command(
     out: str = typer.Option(None, "--out", "-o", help="Store: a folder or an fsspec URL (default cache/<data name>.zarr)."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags given here override it."),
     mode: Optional[str] = typer.Option(None, help="score (teacher-forced top-k over prompt+response) | generate (teacher samples responses)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="headtail: the exact head h (default 4); topk: k (default 32); sampled: the draws N (default 32)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="headtail: the exact head h; topk: k; sampled: the draws N. Default " + ", ".join(f"{k} {v}" for k, v in TOP_K_DEFAULT.items()) + "."),
     targets: Optional[str] = typer.Option(None, help="headtail (default: exact top-h head + data token + exact rest mass + --draws draws from the residual; unbiased) | topk | sampled (v1 random-sampling KD)."),
-    draws: Optional[int] = typer.Option(None, "--draws", help="headtail: tokens drawn per position from the teacher's residual distribution (default 8, at most 255)."),
-    sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help="vLLM only, headtail / sampled: draw from the top-K' candidates (default 1024); --backend hf draws exactly."),
-    backend: Optional[str] = typer.Option(None, help="vllm (default) | hf (plain transformers, the reference) | openai (--teacher-url)."),
+    draws: Optional[int] = typer.Option(None, "--draws", help=with_default("headtail: tokens drawn per position from the teacher's residual distribution (systematic sampling, at most 255).", DEFAULTS, "draws")),
+    sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help=with_default("vLLM only, headtail / sampled: draw from the top-K' candidates (the mass beyond them is stored as one bucket for headtail); --backend hf draws exactly.", DEFAULTS, "sampled_candidates")),
+    backend: Optional[str] = typer.Option(None, help=with_default("vllm | hf (plain transformers, the reference) | openai (--teacher-url).", DEFAULTS, "backend")),
     teacher_url: Optional[str] = typer.Option(None, "--teacher-url", help="OpenAI-compatible endpoint for --backend openai (TEACHER then only needs its tokenizer)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KDSHIP_TEACHER_API_KEY", help="API key for --teacher-url (or $KDSHIP_TEACHER_API_KEY)."),
-    samples: Optional[int] = typer.Option(None, help="generate: responses per prompt (default 1)."),
-    temperature: Optional[float] = typer.Option(None, help="generate: sampling temperature (default 1.0); targets stay raw logprobs."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="generate: nucleus sampling (default 1.0)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="generate: tokens per response (default 256)."),
-    seed: Optional[int] = typer.Option(None, help="Seed; each (row, sample) gets its own derived seed (default 0)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens per sample (default 2048, capped at the teacher's context)."),
-    overflow: Optional[str] = typer.Option(None, help="Rows over --max-length: error (default) | truncate | skip (to rejects)."),
-    shard_positions: Optional[int] = typer.Option(None, "--shard-positions", help="Close a shard once its rows reach this many positions (default 65536)."),
+    samples: Optional[int] = typer.Option(None, help=with_default("generate: responses per prompt.", DEFAULTS, "samples")),
+    temperature: Optional[float] = typer.Option(None, help=with_default("generate: sampling temperature; targets stay raw logprobs.", DEFAULTS, "temperature")),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help=with_default("generate: nucleus sampling.", DEFAULTS, "top_p")),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=with_default("generate: tokens per response.", DEFAULTS, "max_new_tokens")),
+    seed: Optional[int] = typer.Option(None, help=with_default("Seed; each (row, sample) gets its own derived seed.", DEFAULTS, "seed")),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help=with_default("Max tokens per sample (capped at the teacher's context).", DEFAULTS, "max_length")),
+    overflow: Optional[str] = typer.Option(None, help=with_default("Rows over --max-length: error | truncate | skip (to rejects).", DEFAULTS, "overflow")),
+    shard_positions: Optional[int] = typer.Option(None, "--shard-positions", help=with_default("Close a shard once its rows reach this many positions.", DEFAULTS, "shard_positions")),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Samples per shard instead of --shard-positions (small shards commit often but read slowly)."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue an existing store after its last committed shard (default)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help=with_default("Continue an existing store after its last committed shard.", DEFAULTS, "resume")),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Delete an existing store first."),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="Write bad rows to STORE/rejects.jsonl instead of stopping."),
-    num_shards: Optional[int] = typer.Option(None, "--num-shards", help="Split the work over N processes/hosts (default 1)."),
+    num_shards: Optional[int] = typer.Option(None, "--num-shards", help=with_default("Split the work over N processes/hosts.", DEFAULTS, "num_shards")),
     shard_index: Optional[int] = typer.Option(None, "--shard-index", help="This process's part, 0..N-1."),
     tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", help="vLLM tensor parallelism for large teachers."),
     filter: Optional[str] = typer.Option(None, "--filter", help="generate: answer-match (keep generations whose final answer matches the row's)."),
@@ -50,7 +53,7 @@ def cache_command(
     """Run the teacher once over DATA and write its next-token distributions (sparse targets) to a Zarr store."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: seconds, not a minute
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the summary (--json)
-    from kdship.cache.run import DEFAULTS, CacheError, cache
+    from kdship.cache.run import CacheError, cache
     from kdship.config import ConfigError, resolve
 
     flags = dict(

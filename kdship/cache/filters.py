@@ -19,7 +19,7 @@ How the cache calls it (once per input row, after the teacher sampled its N gene
 ``generations`` are ``kdship.cache.backends.Generation`` objects (or plain token-id lists); ``texts``
 their decoded text (needed for answer-match; for the length and duplicate filters it may be None).
 The reference answer of a row comes from its ``answer`` / ``final_answer`` / ``reference`` /
-``response`` field (or the last assistant message), through ``kdship.eval.metrics.extract_answer``
+``response`` field (or the last assistant message), through ``kdship.answers.extract_answer``
 -- the same extractor ``kdship eval`` scores exact match with. A row with no reference answer under
 answer-match raises ``FilterError`` naming the row: it is a data problem, not a teacher failure.
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from kdship.eval.metrics import extract_answer
+from kdship.answers import extract_answer
 
 REFERENCE_FIELDS = ("final_answer", "answer", "reference", "response")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from kdship.cache.targets import draw_headtail_targets, draw_sampled_targets
 from kdship.data import DataError, Row, data_fingerprint, read_rows
-from kdship.store import Shard, StoreWriter, shard_path
+from kdship.store import Shard, StoreHeader, StoreWriter, shard_path
 
 log = logging.getLogger("kdship.cache")
 
@@ -86,6 +87,10 @@ DEFAULTS: dict[str, Any] = dict(
 
 class CacheError(RuntimeError):
     """A run that cannot proceed as asked; the message names the option, file or row."""
+
+
+class StoreMismatch(CacheError):
+    """``--resume`` on a store written with other settings (another teacher, data or targets)."""
 
 
 def _row_seed(seed: int, row: int) -> int:
@@ -153,67 +158,155 @@ def cache(
 
     Returns a summary dict (rows, samples, positions, rejects by reason, shards written/skipped,
     tokens/s, complete). ``teacher_backend`` lets a caller pass a ready ``TeacherBackend``.
+    The steps: check the options, identify the teacher, render the rows, plan the shards and the
+    header, then write every shard not yet committed (the teacher engine is built only if one is).
     """
     t_start = time.time()
-    # ---- options ------------------------------------------------------------------------------
-    if mode not in MODES:
-        raise CacheError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-    if overflow not in OVERFLOW:
-        raise CacheError(f"--overflow {overflow!r}: expected one of {', '.join(OVERFLOW)}")
-    if targets is None:  # headtail needs the teacher's distribution; an HTTP teacher gives its top-k only
-        targets = "topk" if backend == "openai" else "headtail"
-    if targets not in TARGETS:
-        raise CacheError(f"--targets {targets!r}: expected one of {', '.join(TARGETS)}")
-    if backend not in BACKENDS:
-        raise CacheError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if top_k is None:
-        top_k = TOP_K_DEFAULT.get(targets, 32)
-    if top_k < 1:
-        raise CacheError(f"--top-k {top_k}: must be >= 1")
-    if targets == "headtail" and not 1 <= draws <= 255:
-        raise CacheError(f"--draws {draws}: must be in 1..255")
-    if samples < 1:
-        raise CacheError(f"--samples {samples}: must be >= 1")
-    if samples > 1 and mode != "generate":
+    o = _Options(**{k: v for k, v in locals().items() if k in _Options.__dataclass_fields__})
+    _check_options(o)
+    teacher_id = _identify_teacher(o)
+    items, rejects, n_records = _render_rows(o, teacher_id)
+    shard_bounds = _plan_shard_bounds(o, items, n_records)
+    header = _store_header(o, teacher_id, n_records, len(shard_bounds))
+    backend_ref = _LazyBackend(o, teacher_id)
+    if o.backend == "openai":
+        header.top_k = backend_ref.get().effective_top_k(o.top_k)
+    writer = _open_writer(out, header, overwrite, resume)
+    committed = set(writer.committed())
+    mine = [s for s in range(len(shard_bounds)) if s % num_shards == shard_index]
+    todo = [s for s in mine if shard_path(s) not in committed]
+    stats, reject_counts = _write_shards(o, writer, todo, shard_bounds, items, rejects, backend_ref, header.top_k, teacher_id)
+    committed = set(writer.committed())
+    complete = all(shard_path(s) in committed for s in range(len(shard_bounds)))
+    n_rejects = writer.rebuild_rejects()
+    if complete:
+        writer.update_header(complete=True)
+    return _summary(o, stats, reject_counts, backend_ref, t_start, header.top_k, n_records, len(shard_bounds), len(todo), len(mine), n_rejects, complete)
+
+
+@dataclass
+class _Options:
+    """``cache()``'s arguments, handed to its steps as one object."""
+
+    teacher: str
+    data: str
+    out: str
+    mode: str
+    top_k: int | None
+    backend: str
+    targets: str | None
+    draws: int
+    samples: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    max_length: int
+    overflow: str
+    shard_size: int | None
+    shard_positions: int
+    resume: bool
+    overwrite: bool
+    skip_bad: bool
+    num_shards: int
+    shard_index: int
+    tensor_parallel_size: int
+    teacher_url: str | None
+    api_key: str | None
+    filter: str | None
+    min_new_tokens: int | None
+    max_response_tokens: int | None
+    dedupe: bool
+    require_finished: bool
+    sampled_candidates: int
+    split: str | None
+    progress: bool
+    teacher_backend: Any
+
+    @property
+    def generation_filters(self) -> bool:
+        return bool(self.filter or self.min_new_tokens or self.max_response_tokens or self.dedupe or self.require_finished)
+
+
+@dataclass
+class _Teacher:
+    """The teacher as the store records it: tokenizer, fingerprint, vocabulary, context, EOS ids."""
+
+    tok: Any
+    fingerprint: dict[str, Any]
+    vocab: int
+    max_len: int
+    eos_ids: list[int]
+
+
+def _check_options(o: _Options) -> None:
+    """Refuse bad combinations, naming the flag; fill the target kind's defaults (targets, top_k)."""
+    if o.mode not in MODES:
+        raise CacheError(f"--mode {o.mode!r}: expected one of {', '.join(MODES)}")
+    if o.overflow not in OVERFLOW:
+        raise CacheError(f"--overflow {o.overflow!r}: expected one of {', '.join(OVERFLOW)}")
+    if o.targets is None:  # headtail needs the teacher's distribution; an HTTP teacher gives its top-k only
+        o.targets = "topk" if o.backend == "openai" else "headtail"
+    if o.targets not in TARGETS:
+        raise CacheError(f"--targets {o.targets!r}: expected one of {', '.join(TARGETS)}")
+    if o.backend not in BACKENDS:
+        raise CacheError(f"--backend {o.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if o.top_k is None:
+        o.top_k = TOP_K_DEFAULT.get(o.targets, 32)
+    if o.top_k < 1:
+        raise CacheError(f"--top-k {o.top_k}: must be >= 1")
+    if o.targets == "headtail" and not 1 <= o.draws <= 255:
+        raise CacheError(f"--draws {o.draws}: must be in 1..255")
+    if o.samples < 1:
+        raise CacheError(f"--samples {o.samples}: must be >= 1")
+    if o.samples > 1 and o.mode != "generate":
         raise CacheError("--samples applies to --mode generate only")
-    if not (num_shards >= 1 and 0 <= shard_index < num_shards):
-        raise CacheError(f"--shard-index {shard_index} / --num-shards {num_shards}: need 0 <= index < num-shards")
-    if shard_size is not None and shard_size < 1:
-        raise CacheError(f"--shard-size {shard_size}: must be >= 1")
-    if shard_size is None and shard_positions < 1:
-        raise CacheError(f"--shard-positions {shard_positions}: must be >= 1")
-    if filter not in (None, "answer-match"):
-        raise CacheError(f"--filter {filter!r}: known filters: answer-match")
-    if (filter or min_new_tokens or max_response_tokens or dedupe or require_finished) and mode != "generate":
+    if not (o.num_shards >= 1 and 0 <= o.shard_index < o.num_shards):
+        raise CacheError(f"--shard-index {o.shard_index} / --num-shards {o.num_shards}: need 0 <= index < num-shards")
+    if o.shard_size is not None and o.shard_size < 1:
+        raise CacheError(f"--shard-size {o.shard_size}: must be >= 1")
+    if o.shard_size is None and o.shard_positions < 1:
+        raise CacheError(f"--shard-positions {o.shard_positions}: must be >= 1")
+    if o.filter not in (None, "answer-match"):
+        raise CacheError(f"--filter {o.filter!r}: known filters: answer-match")
+    if o.generation_filters and o.mode != "generate":
         raise CacheError("--filter, length bounds, --dedupe and --require-finished apply to --mode generate only")
-    if backend == "openai" and not teacher_url:
+    if o.backend == "openai" and not o.teacher_url:
         raise CacheError("--backend openai needs --teacher-url URL")
-    if backend == "openai" and targets != "topk":
-        raise CacheError(f"--targets {targets} needs the teacher's distribution; use --backend vllm or hf, or --targets topk")
+    if o.backend == "openai" and o.targets != "topk":
+        raise CacheError(f"--targets {o.targets} needs the teacher's distribution; use --backend vllm or hf, or --targets topk")
 
-    # ---- teacher: tokenizer and fingerprint ---------------------------------------------------
-    from kdship.cache.render import RenderError, load_tokenizer, render_prompt, render_score, teacher_fingerprint
 
-    _check_teacher(teacher, backend)
+def _identify_teacher(o: _Options) -> _Teacher:
+    from kdship.fingerprint import teacher_fingerprint
+    from kdship.render import load_tokenizer
+
+    _check_teacher(o.teacher, o.backend)
     try:
-        tok = load_tokenizer(teacher)
+        tok = load_tokenizer(o.teacher)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/...
-        raise CacheError(f"teacher {teacher}: cannot load its tokenizer: {e}") from e
-    fp = teacher_fingerprint(teacher, tok)
-    if fp["weights_sha256"] is None and backend != "openai" and Path(teacher).is_dir():
-        raise CacheError(f"teacher {teacher}: no weight files (*.safetensors, *.bin) in the directory")
-    if teacher_url:
-        fp["url"] = teacher_url
+        raise CacheError(f"teacher {o.teacher}: cannot load its tokenizer: {e}") from e
+    fp = teacher_fingerprint(o.teacher, tok)
+    if fp["weights_sha256"] is None and o.backend != "openai" and Path(o.teacher).is_dir():
+        raise CacheError(f"teacher {o.teacher}: no weight files (*.safetensors, *.bin) in the directory")
+    if o.teacher_url:
+        fp["url"] = o.teacher_url
     vocab = fp["vocab_size"] or len(tok)
-    if top_k > vocab:
-        raise CacheError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
-    model_max = _model_max_positions(teacher)
-    eff_max_len = min(max_length, model_max) if model_max else max_length
-    eos_ids = _eos_ids(teacher, tok)
+    if o.top_k > vocab:
+        raise CacheError(f"--top-k {o.top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    model_max = _model_max_positions(o.teacher)
+    max_len = min(o.max_length, model_max) if model_max else o.max_length
+    return _Teacher(tok, fp, vocab, max_len, _eos_ids(o.teacher, tok))
 
-    # ---- data -> rendered items ----------------------------------------------------------------
+
+def _render_rows(o: _Options, t: _Teacher) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]], int]:
+    """Data rows -> {row index: tokens, loss mask} within the length budget; refused rows as rejects
+    (or an error naming the row, without --skip-bad). Also the number of input records."""
+    from kdship.render import RenderError, render_prompt, render_score
+
+    mode, eff_max_len, max_new_tokens, skip_bad, overflow, tok = o.mode, t.max_len, o.max_new_tokens, o.skip_bad, o.overflow, t.tok
     try:
-        rows, bad = read_rows(data, skip_bad=skip_bad, split=split)
+        rows, bad = read_rows(o.data, skip_bad=skip_bad, split=o.split)
     except DataError as e:
         raise CacheError(str(e)) from e
     rejects: list[dict[str, Any]] = [r.as_dict() for r in bad]
@@ -249,73 +342,81 @@ def cache(
             continue
         items[row.index] = {"row": row, "tokens": toks, "mask": mask}
     n_records = max([r.index for r in rows] + [r["row"] for r in rejects] + [-1]) + 1
+    return items, rejects, n_records
 
-    # ---- store header ----------------------------------------------------------------------------
-    if shard_size is not None:
-        rows_per_shard = max(1, shard_size // samples)
+
+def _plan_shard_bounds(o: _Options, items: dict[int, dict[str, Any]], n_records: int) -> list[tuple[int, int]]:
+    """[first row, end row) of every shard: --shard-size rows each, or rows up to --shard-positions."""
+    if o.shard_size is not None:
+        rows_per_shard = max(1, o.shard_size // o.samples)
         shard_starts = list(range(0, max(1, n_records), rows_per_shard))
     else:
         def est_positions(item) -> int:
-            return len(item["tokens"]) if mode == "score" else (len(item["tokens"]) + max_new_tokens) * samples
+            return len(item["tokens"]) if o.mode == "score" else (len(item["tokens"]) + o.max_new_tokens) * o.samples
 
-        shard_starts = plan_shards(n_records, {i: est_positions(it) for i, it in items.items()}, shard_positions)
-    n_total_shards = len(shard_starts)
-    shard_bounds = list(zip(shard_starts, shard_starts[1:] + [max(n_records, shard_starts[-1])]))
-    k_store = top_k
-    if backend == "openai":
-        k_store = None  # decided by the backend's cap, below
-    header = {
-        "mode": mode,
-        "top_k": k_store,
-        "targets": targets,
-        "target_sampling": _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed),
-        "teacher": fp,
-        "sampling": (
-            {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
-            if mode == "generate"
+        shard_starts = plan_shards(n_records, {i: est_positions(it) for i, it in items.items()}, o.shard_positions)
+    return list(zip(shard_starts, shard_starts[1:] + [max(n_records, shard_starts[-1])]))
+
+
+def _store_header(o: _Options, t: _Teacher, n_records: int, n_total_shards: int) -> StoreHeader:
+    return StoreHeader(
+        mode=o.mode,
+        top_k=None if o.backend == "openai" else o.top_k,  # an HTTP teacher's cap decides, once it answers
+        targets=o.targets,
+        target_sampling=_target_sampling(o.targets, o.top_k, o.draws, o.backend, o.sampled_candidates, o.seed),
+        teacher=t.fingerprint,
+        sampling=(
+            {"samples": o.samples, "temperature": o.temperature, "top_p": o.top_p, "max_new_tokens": o.max_new_tokens, "seed": o.seed}
+            if o.mode == "generate"
             else {}
         ),
-        "logprobs_mode": "raw_logprobs",
-        "max_length": eff_max_len,
-        "overflow": overflow,
-        "data": dict(data_fingerprint(data), num_records=n_records, skip_bad=skip_bad, split=split),
-        "shard_size": shard_size,
-        "shard_positions": shard_positions if shard_size is None else None,
-        "filters": (
-            {"filter": filter, "min_new_tokens": min_new_tokens, "max_new_tokens": max_response_tokens, "dedupe": dedupe, "require_finished": require_finished}
-            if mode == "generate"
+        logprobs_mode="raw_logprobs",
+        max_length=t.max_len,
+        overflow=o.overflow,
+        data=dict(data_fingerprint(o.data), num_records=n_records, skip_bad=o.skip_bad, split=o.split),
+        shard_size=o.shard_size,
+        shard_positions=o.shard_positions if o.shard_size is None else None,
+        filters=(
+            {"filter": o.filter, "min_new_tokens": o.min_new_tokens, "max_new_tokens": o.max_response_tokens, "dedupe": o.dedupe,
+             "require_finished": o.require_finished}
+            if o.mode == "generate"
             else None
         ),
-        "num_shards_total": n_total_shards,
-    }
+        num_shards_total=n_total_shards,
+    )
 
-    # ---- backend (built lazily: a finished store is checked without starting an engine) ----------
-    state: dict[str, Any] = {"backend": teacher_backend}
 
-    def get_backend():
-        if state["backend"] is None:
+class _LazyBackend:
+    """The teacher backend, built on first use (a finished store is checked without starting an engine)
+    and timed (the summary's backend_seconds)."""
+
+    def __init__(self, o: _Options, t: _Teacher):
+        self.o, self.t = o, t
+        self.backend = o.teacher_backend
+        self.build_seconds = 0.0
+
+    def get(self):
+        o, t = self.o, self.t
+        if self.backend is None:
             t_build = time.time()
-            state["backend"] = _make_backend(backend, teacher, tok, eos_ids, tensor_parallel_size, teacher_url, api_key, eff_max_len, top_k, targets, sampled_candidates)
-            state["build_seconds"] = time.time() - t_build
-        if not isinstance(state["backend"], _TimedBackend):
-            state["backend"] = _TimedBackend(state["backend"])
-        return state["backend"]
+            self.backend = _make_backend(o.backend, o.teacher, t.tok, t.eos_ids, o.tensor_parallel_size, o.teacher_url, o.api_key, t.max_len, o.top_k,
+                                         o.targets, o.sampled_candidates)
+            self.build_seconds = time.time() - t_build
+        if not isinstance(self.backend, _TimedBackend):
+            self.backend = _TimedBackend(self.backend)
+        return self.backend
 
-    if backend == "openai":
-        header["top_k"] = get_backend().effective_top_k(top_k)
-        k_store = header["top_k"]
-    writer = _open_writer(out, header, overwrite, resume)
-    committed = set(writer.committed())
-    mine = [s for s in range(n_total_shards) if s % num_shards == shard_index]
-    todo = [s for s in mine if shard_path(s) not in committed]
+    @property
+    def seconds(self) -> float:
+        return self.backend.seconds if isinstance(self.backend, _TimedBackend) else 0.0
 
+
+def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backend_ref: _LazyBackend, k_store: int, t: _Teacher):
+    """Teacher targets for every shard in ``todo``, each written and committed before the next."""
     stats = {"samples": 0, "positions": 0, "targeted_positions": 0, "generated_tokens": 0, "teacher_seconds": 0.0, "missing_mass_sum": 0.0, "target_rows": 0}
     reject_counts: dict[str, int] = {}
-    filter_fn = None
-    if mode == "generate" and (filter or min_new_tokens or max_response_tokens or dedupe or require_finished):
-        filter_fn = _load_filter()
-
-    bar = _Progress(len(todo), enabled=progress, label=f"kdship cache {mode} -> {out}")
+    filter_fn = _load_filter() if o.mode == "generate" and o.generation_filters else None
+    bar = _Progress(len(todo), enabled=o.progress, label=f"kdship cache {o.mode} -> {o.out}")
     try:
         for s in todo:
             lo, hi = shard_bounds[s]
@@ -324,17 +425,17 @@ def cache(
             t0 = time.time()
             samples_out: list[dict[str, Any]] = []
             if shard_items:
-                be = get_backend()
-                if mode == "score":
-                    samples_out = _score_items(be, shard_items, k_store, targets, sampled_candidates, seed, vocab, draws)
+                be = backend_ref.get()
+                if o.mode == "score":
+                    samples_out = _score_items(be, shard_items, k_store, o.targets, o.sampled_candidates, o.seed, t.vocab, o.draws)
                 else:
                     samples_out, frej = _generate_items(
-                        be, shard_items, k_store, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
-                        filter_fn, filter, min_new_tokens, max_response_tokens, dedupe, require_finished, draws,
+                        be, shard_items, k_store, o.samples, o.temperature, o.top_p, o.max_new_tokens, o.seed, o.targets, o.sampled_candidates, t.vocab, t.tok,
+                        filter_fn, o.filter, o.min_new_tokens, o.max_response_tokens, o.dedupe, o.require_finished, o.draws,
                     )
                     shard_rejects += frej
             stats["teacher_seconds"] += time.time() - t0
-            shard = Shard.build(samples_out, writer.top_k, targets=targets)
+            shard = Shard.build(samples_out, writer.top_k, targets=o.targets)
             writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})
             stats["samples"] += shard.num_samples
             stats["positions"] += shard.num_positions
@@ -342,30 +443,28 @@ def cache(
             stats["targeted_positions"] += int(targeted.sum())
             stats["missing_mass_sum"] += float(sum(x.get("_missing_mass", 0.0) for x in samples_out))
             stats["target_rows"] += int(shard.has_target().sum())
-            stats["generated_tokens"] += int(shard.loss_mask.sum()) if mode == "generate" else 0
+            stats["generated_tokens"] += int(shard.loss_mask.sum()) if o.mode == "generate" else 0
             for r in shard_rejects:
                 key = r["reason"].split(":")[0]
                 reject_counts[key] = reject_counts.get(key, 0) + 1
             bar.advance(shard.num_positions)
     finally:
         bar.close()
+    return stats, reject_counts
 
-    committed = set(writer.committed())
-    complete = all(shard_path(s) in committed for s in range(n_total_shards))
-    n_rejects = writer.rebuild_rejects()
-    if complete:
-        writer.update_header(complete=True)
+
+def _summary(o: _Options, stats, reject_counts, backend_ref: _LazyBackend, t_start, k_store, n_records, n_total_shards, n_written, n_mine, n_rejects, complete):
     elapsed = time.time() - t_start
     summary = {
-        "store": str(out),
-        "mode": mode,
-        "targets": targets,
-        "backend": backend,
+        "store": str(o.out),
+        "mode": o.mode,
+        "targets": o.targets,
+        "backend": o.backend,
         "top_k": k_store,
         "rows": n_records,
         "shards_total": n_total_shards,
-        "shards_written": len(todo),
-        "shards_skipped": len(mine) - len(todo),
+        "shards_written": n_written,
+        "shards_skipped": n_mine - n_written,
         **stats,
         "rejects_this_run": sum(reject_counts.values()),
         "rejects_by_reason": reject_counts,
@@ -374,16 +473,16 @@ def cache(
         "seconds": round(elapsed, 2),
         "positions_per_second": round(stats["positions"] / stats["teacher_seconds"], 1) if stats["teacher_seconds"] else None,
         # time inside the teacher's score/generate calls vs the whole run (read, render, parse, encode, write)
-        "backend_seconds": round(state["backend"].seconds, 2) if isinstance(state["backend"], _TimedBackend) else 0.0,
+        "backend_seconds": round(backend_ref.seconds, 2),
     }
-    summary["backend_build_seconds"] = round(state.get("build_seconds", 0.0), 2)
+    summary["backend_build_seconds"] = round(backend_ref.build_seconds, 2)
     # kdship's own share of the run: everything but the teacher's calls and the one-time engine start
-    busy = elapsed - state.get("build_seconds", 0.0)
+    busy = elapsed - backend_ref.build_seconds
     summary["writer_overhead_fraction"] = round(1 - summary["backend_seconds"] / busy, 3) if summary["backend_seconds"] and busy > 0 else None
     summary["teacher_seconds"] = round(summary["teacher_seconds"], 2)
-    # headtail / sampled with vLLM: mean residual mass per row beyond the top-K' candidates (never drawn)
+    # headtail with vLLM: mean residual mass per row beyond the top-K' candidates (never drawn; one bucket)
     missing, rows_t = summary.pop("missing_mass_sum"), summary.pop("target_rows")
-    if targets == "headtail":
+    if o.targets == "headtail":
         summary["missing_mass"] = round(missing / max(1, rows_t), 6)
     return summary
 
@@ -407,10 +506,12 @@ def plan_shards(n_records: int, positions: dict[int, int], shard_positions: int)
 
 
 def _open_writer(out, header, overwrite, resume):
-    from kdship.store import StoreError
+    from kdship.store import StoreError, StoreSettingsMismatch
 
     try:
         return StoreWriter(out, header, overwrite=overwrite, resume=resume)
+    except StoreSettingsMismatch as e:
+        raise StoreMismatch(str(e)) from e
     except StoreError as e:
         raise CacheError(str(e)) from e
 
@@ -451,7 +552,8 @@ def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_
         from kdship.cache.openai_backend import OpenAIBackend
 
         return OpenAIBackend(teacher_url, api_key=api_key, tokenizer=tok)
-    from kdship.cache.vllm_backend import DEFAULT_MAX_LOGPROBS, TeacherUnsupported, VLLMBackend, default_max_model_len
+    from kdship.cache.vllm_backend import VLLMBackend
+    from kdship.runtime.vllm_engine import DEFAULT_MAX_LOGPROBS, TeacherUnsupported, default_max_model_len
 
     need = max(top_k, sampled_candidates if targets != "topk" else 0)
     try:

@@ -25,7 +25,6 @@ need its output are skipped too, so the demo runs at every commit of the project
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -62,10 +61,11 @@ class DemoSizes:
     epochs: int = 2
     batch_tokens: int = 2048
     lr: float = 5e-4
-    kd_loss: str = "fkl"
-    kd_tail: str = "bucket"
-    kd_ce_weight: float = 0.0  # 0.5 mixes CE on the data tokens into the KD loss (see docs/demo.md)
-    temperature: float = 1.0
+    # the KD student's loss: None = `kdship train`'s default (the demo shows the defaults; see kd_settings)
+    kd_loss: str | None = None
+    kd_tail: str | None = None
+    kd_ce_weight: float | None = None
+    temperature: float | None = None
     seed: int = 0
     eval_max_items: int = 24  # items per eval split (held-out, OOD, each perturbation)
     perturb: tuple[str, ...] = ("typo", "distractor")
@@ -79,7 +79,7 @@ QUICK = dict(train_conversations=48, heldout_conversations=16, prompts=8, ood_pa
 
 
 class StageSkipped(Exception):
-    """A stage that cannot run now (a verb not there yet, an input stage skipped); the reason is logged."""
+    """A stage that cannot run now because a stage it needs did not run; the reason is logged."""
 
 
 def env_defaults() -> None:
@@ -94,19 +94,6 @@ def env_defaults() -> None:
         "HF_HUB_OFFLINE": "1",
     }.items():
         os.environ.setdefault(k, v)
-
-
-def verb(module: str, attr: str, name: str) -> Callable:
-    """The verb's public function, or StageSkipped naming the missing verb."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        missing = getattr(e, "name", None) or str(e)
-        raise StageSkipped(f"`kdship {name}` is not available yet ({module}: {missing})") from None
-    fn = getattr(mod, attr, None)
-    if fn is None:
-        raise StageSkipped(f"`kdship {name}` is not available yet ({module}.{attr} missing)")
-    return fn
 
 
 def dir_fingerprint(path: str | Path, patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.onnx", "*.jinja", "*.model", "*.txt")) -> str:
@@ -219,7 +206,8 @@ class Demo:
 
     def cache_stage(self, mode: str) -> dict:
         self.need("assets")
-        cache = verb("kdship.cache.run", "cache", "cache")
+        from kdship.cache.run import StoreMismatch, cache
+
         a, s = self.results["assets"], self.sizes
         out = self.out / "stores" / mode
         kw: dict[str, Any] = dict(backend="vllm", max_length=s.max_length, overflow="truncate", shard_size=s.shard_size, seed=s.seed, progress=self.progress)
@@ -230,9 +218,7 @@ class Demo:
         data = a["data"]["train" if mode == "score" else "prompts"]
         try:
             summary = cache(a["teacher"], data, str(out), mode=mode, resume=True, **kw)
-        except Exception as e:  # noqa: BLE001
-            if "--overwrite" not in str(e):
-                raise
+        except StoreMismatch:
             # The store there was cached with other settings (the demo's sizes changed): start it over.
             log.info("[cache_%s] %s holds another teacher/settings; replacing it", mode, out)
             summary = cache(a["teacher"], data, str(out), mode=mode, resume=True, overwrite=True, **kw)
@@ -265,7 +251,8 @@ class Demo:
 
     def train_stage(self, name: str, loss: str) -> dict:
         self.need("cache_score", "prune")
-        train = verb("kdship.train.trainer", "train", "train")
+        from kdship.train.trainer import train
+
         s = self.sizes
         out = self.out / "runs" / name
         # A finished or stale run of other inputs: start it over (resume only continues an identical run).
@@ -277,7 +264,7 @@ class Demo:
             eval_every=0, ckpt_every=50,
         )
         if loss != "sft":
-            opts.update(tail=s.kd_tail, temperature=s.temperature, ce_weight=s.kd_ce_weight)
+            opts.update(kd_settings(s, with_loss=False))
         summary = train(self.results["cache_score"]["store"], student=self.results["prune"]["dir"], out=str(out), **opts)
         if not summary.get("final"):
             raise RuntimeError(f"kdship train {name}: no final model in {out}: {summary}")
@@ -285,12 +272,12 @@ class Demo:
 
     def eval_stage(self) -> dict:
         self.need("assets", "train_kd", "train_sft")
-        evaluate = verb("kdship.eval.run", "evaluate", "eval")
+        from kdship.eval.run import evaluate
+
         a, s = self.results["assets"], self.sizes
         models = {"teacher": a["teacher"], "kd": self.results["train_kd"]["final"], "sft": self.results["train_sft"]["final"]}
         out = self.out / "report" / "eval"
-        return _call_flexible(
-            evaluate,
+        return _jsonable(evaluate(
             models=models,
             data=a["data"]["heldout"],
             teacher=a["teacher"],
@@ -301,31 +288,31 @@ class Demo:
             task="lm",
             seed=s.seed,
             progress=self.progress,
-        )
+        ))
 
     def export_stage(self) -> dict:
         self.need("train_kd", "assets", "cache_score")
-        export = verb("kdship.export.run", "export", "export")
+        from kdship.export.run import export
+
         res = {}
         out = self.out / "export" / "kd_student"
         shutil.rmtree(out, ignore_errors=True)
         # vLLM loads the HF export (greedy tokens and KL to the teacher compared with PyTorch's): the
         # student the demo serves with ONNX Runtime is also servable by vLLM.
-        res["kd_student"] = _call_flexible(
-            export, self.results["train_kd"]["final"], str(out), formats=("hf", "onnx"), verify=True, store=self.results["cache_score"]["store"], vllm=True
-        )
+        res["kd_student"] = _jsonable(export(self.results["train_kd"]["final"], str(out), formats=("hf", "onnx"), verify=True, vllm=True))
         res["kd_student"]["dir"] = str(out)
         if self.sizes.profile_teacher:
             tout = self.out / "export" / "teacher"
             shutil.rmtree(tout, ignore_errors=True)
             # The teacher's ONNX is only the profile's baseline: a lighter check (fewer prompts, no vLLM).
-            res["teacher"] = _call_flexible(export, self.results["assets"]["teacher"], str(tout), formats=("onnx",), verify=True, prompts=4, new_tokens=8, vllm=False)
+            res["teacher"] = _jsonable(export(self.results["assets"]["teacher"], str(tout), formats=("onnx",), verify=True, prompts=4, new_tokens=8, vllm=False))
             res["teacher"]["dir"] = str(tout)
         return res
 
     def serve_stage(self) -> dict:
         self.need("export", "assets")
-        launch = verb("kdship.serve.server", "launch", "serve")
+        from kdship.runtime.server_process import launch
+
         import httpx
 
         exp = self.results["export"]["kd_student"]["dir"]
@@ -350,7 +337,8 @@ class Demo:
 
     def profile_stage(self) -> dict:
         self.need("export")
-        profile = verb("kdship.profile.run", "profile", "profile")
+        from kdship.profile.run import profile
+
         s = self.sizes
         exp = self.results["export"]
         # Both served by `kdship serve --backend onnx` (same runtime, same machine): a fair speed ratio.
@@ -358,8 +346,7 @@ class Demo:
         if "teacher" in exp:
             targets.insert(0, {"name": "teacher", "model": exp["teacher"]["dir"], "backend": "onnx"})
         out = self.out / "report" / "profile"
-        return _call_flexible(
-            profile,
+        return _jsonable(profile(
             targets=targets,
             concurrency=tuple(s.profile_concurrency),
             requests=s.profile_requests,
@@ -369,7 +356,7 @@ class Demo:
             max_seconds=60.0,
             seed=s.seed,
             show_progress=self.progress,
-        )
+        ))
 
 
 def _first_prompt(path: str) -> str:
@@ -381,20 +368,6 @@ def _first_prompt(path: str) -> str:
             if r.get("messages"):
                 return r["messages"][0]["content"]
     return "Hello! How are you today?"
-
-
-def _call_flexible(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Call a verb with the keyword arguments it accepts (owners' signatures move while we integrate)."""
-    import inspect
-
-    sig = inspect.signature(fn)
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        dropped = [k for k in kwargs if k not in sig.parameters]
-        if dropped:
-            log.debug("%s: not passing %s", getattr(fn, "__qualname__", fn), dropped)
-        kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
-    out = fn(*args, **kwargs)
-    return _jsonable(out)
 
 
 def _jsonable(v: Any) -> Any:
@@ -463,17 +436,16 @@ def run_demo(
     dfp = a.get("data_fp") or {}
     teacher_fp = a.get("teacher_fp")
     cache_keys = ("top_k", "max_length", "shard_size", "seed")
-    f_score = fp("cache_score", teacher_fp, dfp.get("train"), {k: s[k] for k in cache_keys})
+    f_score = fp("cache_score", teacher_fp, dfp.get("train"), {k: s[k] for k in cache_keys}, cache_defaults())
     stage("cache_score", f_score, lambda: demo.cache_stage("score"), lambda r: Path(r["store"], "zarr.json").is_file())
-    f_gen = fp("cache_generate", teacher_fp, dfp.get("prompts"), {k: s[k] for k in cache_keys + ("max_new_tokens", "gen_temperature", "gen_top_p")})
+    f_gen = fp("cache_generate", teacher_fp, dfp.get("prompts"), {k: s[k] for k in cache_keys + ("max_new_tokens", "gen_temperature", "gen_top_p")}, cache_defaults())
     stage("cache_generate", f_gen, lambda: demo.cache_stage("generate"), lambda r: Path(r["store"], "zarr.json").is_file())
     _close_engines()
     f_prune = fp("prune", teacher_fp, dfp.get("train"), s["keep_layers"], s["calibration_tokens"])
     stage("prune", f_prune, demo.prune, lambda r: Path(r["dir"], "config.json").is_file())
     train_keys = ("epochs", "batch_tokens", "lr", "seed")
-    kd_keys = train_keys + ("kd_loss", "kd_tail", "temperature") + (("kd_ce_weight",) if s["kd_ce_weight"] else ())
-    f_kd = fp("train_kd", f_score, f_prune, {k: s[k] for k in kd_keys})
-    stage("train_kd", f_kd, lambda: demo.train_stage("kd", sizes.kd_loss), lambda r: Path(r["final"], "config.json").is_file())
+    f_kd = fp("train_kd", f_score, f_prune, {k: s[k] for k in train_keys}, kd_settings(sizes))
+    stage("train_kd", f_kd, lambda: demo.train_stage("kd", kd_settings(sizes)["loss"]), lambda r: Path(r["final"], "config.json").is_file())
     f_sft = fp("train_sft", f_score, f_prune, {k: s[k] for k in train_keys})
     stage("train_sft", f_sft, lambda: demo.train_stage("sft", "sft"), lambda r: Path(r["final"], "config.json").is_file())
     f_eval = fp("eval", teacher_fp, dfp.get("heldout"), dfp.get("ood"), f_kd, f_sft, s["eval_max_items"], s["perturb"])
@@ -491,10 +463,30 @@ def run_demo(
     return {"out": str(out), "report": report["dir"], "table": report["table"], "timings": demo.timings, "skipped": demo.skipped, "results": demo.results}
 
 
+def kd_settings(sizes: DemoSizes, with_loss: bool = True) -> dict[str, Any]:
+    """The KD student's loss settings as `kdship train` will use them: the demo's overrides, else the
+    trainer's defaults (so a changed default redoes the KD stage, and the report names what ran)."""
+    from kdship.train.trainer import DEFAULTS
+
+    given = {"loss": sizes.kd_loss, "tail": sizes.kd_tail, "ce_weight": sizes.kd_ce_weight, "temperature": sizes.temperature}
+    out = {k: (DEFAULTS[k] if v is None else v) for k, v in given.items()}
+    if not with_loss:
+        out.pop("loss")
+    return out
+
+
+def cache_defaults() -> dict[str, Any]:
+    """`kdship cache`'s target defaults and the store format: a change re-caches the demo's stores."""
+    from kdship.cache.run import DEFAULTS, TOP_K_DEFAULT
+    from kdship.store import FORMAT_VERSION
+
+    return {"format": FORMAT_VERSION, "targets": DEFAULTS["targets"], "top_k": TOP_K_DEFAULT, "draws": DEFAULTS["draws"], "candidates": DEFAULTS["sampled_candidates"]}
+
+
 def _close_engines() -> None:
     """Free the in-process vLLM engine before training (its KV cache and weights are ~1.5 GB)."""
     try:
-        from kdship.cache.vllm_backend import close_engines
+        from kdship.runtime.vllm_engine import close_engines
     except ImportError:
         return
     close_engines()

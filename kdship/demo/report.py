@@ -242,10 +242,13 @@ def write_report(demo, sizes, seconds: float) -> dict[str, Any]:
     md = ["# kdship demo report", "", f"Teacher: **{a.get('teacher_name', 'n/a')}** (`{a.get('teacher', 'n/a')}`)."]
     pr = r.get("prune") or {}
     if pr:
+        from kdship.demo.pipeline import kd_settings
+
+        kd = kd_settings(sizes)
         md.append(
             f"Students: depth-pruned copies keeping layers {pr['kept_layers']} of {pr['teacher_layers']} "
             f"(strategy `{pr['strategy']}`, chosen on {pr['calibration_tokens']} calibration tokens), then trained "
-            f"by KD ({sizes.kd_loss}, tail {sizes.kd_tail}, T={sizes.temperature}, CE weight {sizes.kd_ce_weight}) or by plain cross-entropy (SFT) "
+            f"by KD ({kd['loss']}, CE weight {kd['ce_weight']}, T={kd['temperature']}; `kdship train`'s defaults unless the demo config sets them) or by plain cross-entropy (SFT) "
             f"on the same store, steps, learning rate and seed."
         )
     cs = r.get("cache_score") or {}

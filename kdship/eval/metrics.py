@@ -1,10 +1,6 @@
 """Metrics for ``kdship eval``: pure functions on numbers and strings (no torch at import).
 
-Also the final-answer extractor shared with ``kdship.cache.filters`` (``--filter answer-match``)::
-
-    from kdship.eval.metrics import extract_answer, answers_equal
-    extract_answer("... so she has 5 + 3 = 8 apples.\\n#### 8")  -> "8"
-    answers_equal("8.0", "8")                                   -> True
+Final answers come from ``kdship.answers`` (shared with ``kdship cache --filter answer-match``).
 
 Formulas (N = number of scored tokens, log p natural log):
 - perplexity = exp(NLL / N), NLL = -sum_t log p(x_t | x_<t) over the scored (response/text) tokens.
@@ -30,66 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-# --------------------------------------------------------------------------------------------------
-# Final answers (GSM8K style)
-
-_NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
-_HASH_RE = re.compile(r"####\s*(.+)")
-_ANSWER_IS_RE = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s+is\s*[:=]?\s*(.+)", re.IGNORECASE)
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-_NUMBER_RE = re.compile(_NUMBER)
-
-
-def extract_answer(text: str | None) -> str | None:
-    """The final answer of a solution text, or None when there is none.
-
-    Tried in order: ``#### X`` (GSM8K), ``\\boxed{X}``, ``The answer is X``, else the last number in
-    the text. For the first three, a number inside the matched tail is preferred over the tail text
-    (``#### 42 apples`` -> ``42``); the result is normalised with ``normalize_answer``.
-    """
-    if not text:
-        return None
-    for rx in (_HASH_RE, _BOXED_RE):
-        m = list(rx.finditer(text))
-        if m:
-            return _tail_answer(m[-1].group(1))
-    m = list(_ANSWER_IS_RE.finditer(text))
-    if m:
-        return _tail_answer(m[-1].group(1))
-    nums = _NUMBER_RE.findall(text)
-    if nums:
-        return normalize_answer(nums[-1])
-    return None
-
-
-def _tail_answer(tail: str) -> str | None:
-    tail = tail.strip().splitlines()[0] if tail.strip() else ""
-    num = _NUMBER_RE.search(tail)
-    if num:
-        return normalize_answer(num.group(0))
-    tail = tail.strip().rstrip(".").strip()
-    return normalize_answer(tail) if tail else None
-
-
-def normalize_answer(ans: str | None) -> str | None:
-    """Canonical form: numbers without ``$``, thousands commas, ``+`` or trailing ``.0``; text lower-cased."""
-    if ans is None:
-        return None
-    s = ans.strip().strip(".").strip()
-    t = s.replace("$", "").replace(",", "").replace(" ", "")
-    if re.fullmatch(r"[-+]?\d+(?:\.\d+)?", t):
-        if "." in t:
-            t = t.rstrip("0").rstrip(".")
-        t = t.lstrip("+")
-        if t in ("-0", ""):
-            t = "0"
-        return t
-    return " ".join(s.lower().split())
-
-
-def answers_equal(a: str | None, b: str | None) -> bool:
-    na, nb = normalize_answer(a), normalize_answer(b)
-    return na is not None and nb is not None and na == nb
+from kdship.answers import extract_answer
+from kdship.divergence import topk_rest_kl
 
 
 def exact_match(generation: str, reference: str) -> float:
@@ -165,16 +103,8 @@ def topk_kl(teacher_ids: np.ndarray, teacher_logprobs: np.ndarray, student_logpr
     sum_i p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest), p_rest = 1 - sum_i p_i.
     """
     ids = np.asarray(teacher_ids)
-    valid = ids >= 0
-    p = np.where(valid, np.exp(np.asarray(teacher_logprobs, dtype=np.float64)), 0.0)
-    lq = np.take_along_axis(np.asarray(student_logprobs, dtype=np.float64), np.where(valid, ids, 0), axis=-1)
-    q = np.where(valid, np.exp(lq), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        head = np.where(valid & (p > 0), p * (np.log(np.where(p > 0, p, 1.0)) - lq), 0.0).sum(-1)
-    p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
-    q_rest = np.clip(1.0 - q.sum(-1), 1e-12, 1.0)
-    rest = np.where(p_rest > 1e-12, p_rest * (np.log(np.maximum(p_rest, 1e-300)) - np.log(q_rest)), 0.0)
-    return head + rest
+    lq = np.take_along_axis(np.asarray(student_logprobs, dtype=np.float64), np.where(ids >= 0, ids, 0), axis=-1)
+    return topk_rest_kl(ids, teacher_logprobs, lq)
 
 
 def full_kl(teacher_logprobs: np.ndarray, student_logprobs: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Models under evaluation: a HF causal LM directory (transformers, CUDA when present) or a kdship ONNX
-export folder (``OUT/onnx``, run with ONNX Runtime through ``kdship.export.onnx_runtime``).
+export folder (``OUT/onnx``, run with ONNX Runtime through ``kdship.runtime.onnx``).
 
 Both give the same three operations on token ids:
 - ``logprob_rows(seqs, positions)`` -> per sequence the full log-softmax rows [n, V] that predict
@@ -98,7 +98,7 @@ class OnnxEvalModel:
     kind = "onnx"
 
     def __init__(self, name: str, path: Path):
-        from kdship.export.onnx_runtime import OnnxCausalLM
+        from kdship.runtime.onnx import OnnxCausalLM
 
         d = path if (path / "kdship_onnx.json").is_file() else path / "onnx"
         self.name, self.path, self.device = name, str(d), "onnxruntime"

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kdship.answers import extract_answer
 from kdship.eval import metrics as M
 from kdship.eval.perturb import parse_perturbations
 from kdship.eval.tasks import Item, TaskError, input_text, is_store, lm_tokens, load_items, perturb_item, prompt_tokens
@@ -242,7 +243,7 @@ def _mask_positions(mask: np.ndarray) -> np.ndarray:
 
 
 def _tok_key(model) -> str:
-    from kdship.cache.render import tokenizer_sha256
+    from kdship.fingerprint import tokenizer_sha256
 
     if not hasattr(model, "_kdship_tok_sha"):
         model._kdship_tok_sha = tokenizer_sha256(model.tokenizer)
@@ -373,7 +374,7 @@ def _run_generate(model, items: list[Item], task: str, batch_size: int, max_new_
     out = []
     for it, text in zip(items, texts):
         if task == "answer":
-            ans, ref = M.extract_answer(text), M.extract_answer(it.reference)
+            ans, ref = extract_answer(text), extract_answer(it.reference)
             out.append({"generation": text, "answer": ans, "reference_answer": ref, "correct": ans is not None and ans == ref})
         else:
             rl = M.rouge_l_multi(text, it.references)

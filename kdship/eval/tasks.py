@@ -156,13 +156,13 @@ def lm_tokens(item: Item, tok) -> tuple[np.ndarray, np.ndarray]:
     """tokens [L], loss_mask [L] (the cache's own rendering, so store sample hashes match)."""
     if item.tokens is not None:
         return item.tokens, item.loss_mask
-    from kdship.cache.render import render_score
+    from kdship.render import render_score
 
     return render_score(item.row, tok)
 
 
 def prompt_tokens(item: Item, tok) -> list[int]:
-    from kdship.cache.render import render_prompt
+    from kdship.render import render_prompt
 
     return render_prompt(item.row, tok)  # a pair's response is the reference, never part of the prompt
 

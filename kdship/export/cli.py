@@ -17,7 +17,7 @@ DEFAULTS = {
     "new_tokens": 16,
     "atol": 1e-3,
     "kl_positions": 2048,
-    "heldout_fraction": 0.02,
+    "heldout_fraction": None,
     "vllm": True,
 }
 
@@ -28,12 +28,12 @@ def export_command(
     format: Optional[str] = typer.Option(None, "--format", help="Comma-separated formats: hf, onnx (default hf,onnx)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: also write onnx/model.int8.onnx (dynamic int8 weights)."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Compare the exports with PyTorch (default on)."),
-    store: Optional[str] = typer.Option(None, "--store", help="A teacher store: also report KL(teacher||model) on held-out positions per format."),
+    store: Optional[str] = typer.Option(None, "--store", help="A teacher store: also report KL(teacher||model) on held-out positions per format (default: the run's own store, from RUN_DIR/kdship_run.json)."),
     prompts: Optional[int] = typer.Option(None, "--prompts", help="Fixed prompts for the logit/greedy checks (default 8)."),
     new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Greedy tokens per prompt compared (default 16)."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Max |logit diff| allowed for fp32 ONNX vs PyTorch (default 1e-3)."),
     kl_positions: Optional[int] = typer.Option(None, "--kl-positions", help="Held-out store positions for the KL (default 2048)."),
-    heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Held-out share of the store, as given to `kdship train` (default 0.02)."),
+    heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Held-out share of the store (default: the run's, from its manifest; else 0.02)."),
     vllm: Optional[bool] = typer.Option(None, "--vllm/--no-vllm", help="Load the hf export in vLLM during --verify (default on)."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with these options (flags override it)."),
 ) -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdship.export.onnx_runtime import META_FILE
+from kdship.runtime.onnx import META_FILE
 
 log = logging.getLogger(__name__)
 

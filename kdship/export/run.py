@@ -5,7 +5,7 @@ Layout written under ``out``::
     OUT/hf/                      safetensors + config + tokenizer + generation_config (transformers, vLLM)
     OUT/onnx/model.onnx          fp32 decoder with KV-cache inputs/outputs (prefill + decode, one graph)
     OUT/onnx/model.int8.onnx     --quantize int8: dynamic int8 MatMul weights
-    OUT/onnx/kdship_onnx.json    shapes, names, dtype, special token ids (kdship.export.onnx_runtime)
+    OUT/onnx/kdship_onnx.json    shapes, names, dtype, special token ids (kdship.runtime.onnx)
     OUT/onnx/tokenizer*.json ... tokenizer files, so the folder alone serves
     OUT/export_report.json       verification: logit diffs, greedy agreement, int8 drift, KL to teacher
 """
@@ -21,6 +21,8 @@ from typing import Any, Sequence
 from kdship.export.onnx import ExportError, export_onnx, quantize_int8
 from kdship.export.hf import export_hf, resolve_model_dir
 from kdship.export.verify import VerificationError
+from kdship.heldout import DEFAULT_HELDOUT_FRACTION
+from kdship.run_manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def export(
     new_tokens: int = 16,
     atol: float = 1e-3,
     kl_positions: int = 2048,
-    heldout_fraction: float = 0.02,
+    heldout_fraction: float | None = None,
     vllm: bool = True,
     strict: bool = True,
     show: bool = False,
@@ -60,6 +62,9 @@ def export(
     ``strict``: raise ``VerificationError`` (after writing the report) when the fp32 ONNX export or
     the HF re-save misses the bounds (``atol`` on logits, identical greedy tokens).
     ``vllm``: include the vLLM load/greedy/KL check of the HF export (one engine start).
+    ``store`` / ``heldout_fraction``: None takes them from the run's manifest (``kdship.run_manifest``)
+    when ``model_dir`` is a `kdship train` run whose store still exists, so the KL to the teacher is
+    measured on the samples the trainer held out.
     """
     fmts = parse_formats(formats)
     if quantize is not None and str(quantize).lower() in ("", "none", "no"):
@@ -68,6 +73,16 @@ def export(
         raise ExportError(f"--quantize {quantize}: unknown; choose from {', '.join(QUANTIZE)}")
     if quantize and "onnx" not in fmts:
         raise ExportError("--quantize int8 quantises the ONNX export: add onnx to --format")
+    manifest = read_manifest(model_dir)
+    if heldout_fraction is None:
+        heldout_fraction = manifest.heldout_fraction if manifest else DEFAULT_HELDOUT_FRACTION
+    if store is None and verify and manifest is not None:
+        from kdship.store import store_exists
+
+        if store_exists(manifest.store):
+            store = manifest.store
+        else:
+            log.warning("the run's store %s is gone: no KL to the teacher (pass --store)", manifest.store)
     if store is not None and not verify:
         raise ExportError("--store is used by --verify (KL to the teacher); drop --no-verify or --store")
     if store is not None:
@@ -166,7 +181,7 @@ def _passed(report: dict[str, Any]) -> bool:
 
 def run_verify(model, src, out, fmts, quantize, store, n_prompts, new_tokens, atol, kl_positions, heldout_fraction, use_vllm) -> dict[str, Any]:
     from kdship.export import verify as V
-    from kdship.export.onnx_runtime import OnnxCausalLM
+    from kdship.runtime.onnx import OnnxCausalLM
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(src))
@@ -199,7 +214,7 @@ def run_verify(model, src, out, fmts, quantize, store, n_prompts, new_tokens, at
             "store": str(store),
             "samples": len(samples),
             "positions": int(sum(len(s["rows"]) for s in samples)),
-            "heldout_rule": "last sample (no sample matched the held-out hash rule)" if samples and samples[0].get("fallback") else f"kdship.train.loader.heldout_mask(fraction={heldout_fraction})",
+            "heldout_rule": "last sample (no sample matched the held-out hash rule)" if samples and samples[0].get("fallback") else f"kdship.heldout.heldout_mask(fraction={heldout_fraction})",
             "definition": "mean forward KL(teacher || model) over the stored top-k ids + one rest bucket, nats",
         }
         if samples:

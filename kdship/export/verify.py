@@ -32,10 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from kdship.divergence import topk_rest_kl
+
 log = logging.getLogger(__name__)
-
-REST_EPS = 1e-6
-
 
 class VerificationError(RuntimeError):
     """The export does not reproduce the PyTorch model within the bound; the report says where."""
@@ -77,7 +76,7 @@ def torch_reference(model, prompts: list[list[int]], new_tokens: int) -> list[di
 
 def compare_onnx(lm, prompts: list[list[int]], refs: list[dict[str, np.ndarray]], atol: float | None) -> dict[str, Any]:
     """Left-padded batch prefill + teacher-forced decode vs the references; then free-running greedy."""
-    from kdship.export.onnx_runtime import position_ids_from_mask
+    from kdship.runtime.onnx import position_ids_from_mask
 
     new_tokens = len(refs[0]["tokens"])
     ids, mask = lm.left_pad(prompts)
@@ -162,7 +161,7 @@ def vllm_engine(hf_dir: str | Path, vocab_size: int):
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from kdship.cache.vllm_backend import get_engine
+    from kdship.runtime.vllm_engine import get_engine
 
     max_lp = -1 if vocab_size <= 65536 else 256
     return get_engine(str(hf_dir), max_logprobs=max_lp, max_model_len=None), max_lp
@@ -211,12 +210,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 # -- KL to the teacher on held-out store positions -------------------------------------------------
-def heldout_rows(store: str, max_positions: int, max_len: int, heldout_fraction: float = 0.02) -> list[dict[str, np.ndarray]]:
+def heldout_rows(store: str, max_positions: int, max_len: int, heldout_fraction: float) -> list[dict[str, np.ndarray]]:
     """Held-out samples (as ``kdship train`` picks them) with their scored rows, up to ``max_positions``
     rows in all. If the hash rule selects none (a tiny store), the last sample is used and the report
     says so via ``heldout_rule``."""
     from kdship.store import StoreReader
-    from kdship.train.loader import heldout_mask
+    from kdship.heldout import heldout_mask
 
     reader = StoreReader(store)
     picked, n_rows = [], 0
@@ -244,20 +243,6 @@ def heldout_rows(store: str, max_positions: int, max_len: int, heldout_fraction:
     return picked
 
 
-def topk_kl(t: np.ndarray, s: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Per-row forward KL with a rest bucket. t, s: [N, K] teacher / model logprobs at ids [N, K]
-    (id -1 = padding, ignored)."""
-    valid = ids >= 0
-    t = np.where(valid, t.astype(np.float64), -np.inf)
-    s = np.where(valid, s.astype(np.float64), -np.inf)
-    pt = np.exp(t)
-    main = np.where(valid, pt * (t - np.where(valid, s, 0.0)), 0.0).sum(-1)
-    p_rest = np.clip(1.0 - pt.sum(-1), 0.0, 1.0)
-    q_rest = np.clip(1.0 - np.exp(s).sum(-1), 1e-12, 1.0)
-    rest = np.where(p_rest > REST_EPS, p_rest * (np.log(np.maximum(p_rest, 1e-300)) - np.log(q_rest)), 0.0)
-    return main + rest
-
-
 def kl_from_logprob_fn(samples: list[dict[str, np.ndarray]], logprobs_fn) -> float:
     """Mean KL over all rows; ``logprobs_fn(tokens) -> [len(tokens), V]`` log-probs where row r
     predicts token r + 1."""
@@ -265,7 +250,7 @@ def kl_from_logprob_fn(samples: list[dict[str, np.ndarray]], logprobs_fn) -> flo
     for smp in samples:
         lp = logprobs_fn(smp["tokens"])
         s = np.take_along_axis(lp[smp["rows"] - 1], np.maximum(smp["ids"], 0).astype(np.int64), axis=1)
-        kls.append(topk_kl(smp["lps"], s, smp["ids"]))
+        kls.append(topk_rest_kl(smp["ids"], smp["lps"], s))
     return float(np.concatenate(kls).mean()) if kls else float("nan")
 
 
@@ -335,5 +320,5 @@ def vllm_kl(llm, samples: list[dict[str, np.ndarray]], vocab: int) -> float:
                 for t, v in (plp[j] or {}).items():
                     table[j, t] = v.logprob
         s = np.take_along_axis(table[smp["rows"]], np.maximum(smp["ids"], 0).astype(np.int64), axis=1)
-        kls.append(topk_kl(smp["lps"], s, smp["ids"]))
+        kls.append(topk_rest_kl(smp["ids"], smp["lps"], s))
     return float(np.concatenate(kls).mean()) if kls else float("nan")

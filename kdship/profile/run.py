@@ -47,7 +47,7 @@ class ProfileError(ValueError):
 @dataclass
 class Target:
     """One endpoint to measure: a running server (``url``) or a model folder to serve for the run
-    (``model`` + ``backend``, started with :func:`kdship.serve.server.launch` and stopped after)."""
+    (``model`` + ``backend``, started with :func:`kdship.runtime.server_process.launch` and stopped after)."""
 
     name: str
     url: str | None = None
@@ -294,7 +294,7 @@ def profile(
             try:
                 key = t.api_key or api_key
                 if t.model is not None:
-                    from kdship.serve.server import launch
+                    from kdship.runtime.server_process import launch
 
                     progress.console.print(f"[{t.name}] starting {t.backend} server for {t.model} ...")
                     handle = launch(t.model, backend=t.backend, api_key=key, **t.serve_options)

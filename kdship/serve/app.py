@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kdship.serve.engine import ContinuousBatchingEngine, EngineStopped, Event, GenerationRequest, QueueFull, SamplingParams
+from kdship.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, ContinuousBatchingEngine, EngineStopped, Event, GenerationRequest, QueueFull, SamplingParams
 from kdship.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kdship.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -97,8 +97,8 @@ def build_app(
     model_name: str,
     max_model_len: int,
     api_key: str | None = None,
-    max_batch: int = 16,
-    max_queue: int = 256,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """The app; the engine thread starts with the app's lifespan and drains when it ends (SIGTERM)."""
     metrics = ServerMetrics()

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from kdship.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+
 DEFAULTS = {
     "backend": "onnx",
     "host": "127.0.0.1",
@@ -28,8 +30,8 @@ def serve_command(
     host: Optional[str] = typer.Option(None, "--host", help="Interface to bind. Default 127.0.0.1 (loopback only)."),
     port: Optional[int] = typer.Option(None, "--port", help="TCP port. Default 8000."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*. Also read from env KDSHIP_API_KEY."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most sequences decoded together (onnx default 16; vllm --max-num-seqs)."),
-    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests waiting for a batch slot before 429 (onnx; default 256)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help=f"Most sequences decoded together (onnx default {DEFAULT_MAX_BATCH}; vllm --max-num-seqs)."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help=f"Requests waiting for a batch slot before 429 (onnx; default {DEFAULT_MAX_QUEUE})."),
     int8: Optional[bool] = typer.Option(None, "--int8/--fp32", help="Serve the int8 ONNX model (onnx backend; export with --quantize int8)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context limit, prompt + output tokens (default: the model's, at most 2048 for vllm)."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients send. Default: the export folder's name."),
@@ -40,7 +42,8 @@ def serve_command(
 ) -> None:
     """Serve an exported student as an OpenAI-compatible HTTP endpoint (Ctrl-C / SIGTERM drains and stops)."""
     from kdship.config import ConfigError, resolve
-    from kdship.serve.server import ServeError, serve
+    from kdship.runtime.server_process import ServeError
+    from kdship.serve.server import serve
 
     flags = dict(
         backend=backend, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, int8=int8,

@@ -14,7 +14,7 @@ scheduler admits waiting requests into the running batch (iteration-level "conti
    columns that no remaining sequence uses, so the past does not grow with departed long prompts.
 
 Padding only ever sits on the left of a row, the layout the export verifies against PyTorch.
-The model is anything with the ``kdship.export.onnx_runtime.OnnxCausalLM`` interface:
+The model is anything with the ``kdship.runtime.onnx.OnnxCausalLM`` interface:
 ``.tokenizer``, ``.new_past(batch)`` and ``.forward(input_ids, attention_mask, position_ids, past)``.
 """
 
@@ -27,6 +27,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+# the ONNX engine's batch and queue sizes: stated here once, used by the app, the server and the CLI help
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUE = 256
 
 import numpy as np
 
@@ -149,8 +153,8 @@ class ContinuousBatchingEngine:
     def __init__(
         self,
         model: Any,
-        max_batch: int = 16,
-        max_queue: int = 256,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         max_prefill_tokens: int = 4096,
         eos_token_ids: list[int] | None = None,
         stats: BatchStats | None = None,

@@ -6,44 +6,47 @@ from typing import Optional
 
 import typer
 
+from kdship.config import with_default
+from kdship.train.trainer import DEFAULT_OUT, DEFAULTS
+
 
 def train_command(
     store: str = typer.Argument(..., help="The teacher store written by `kdship cache` (path or fsspec URL)."),
     student: Optional[str] = typer.Option(None, "--student", help="HF model directory to start from (its tokenizer must be the teacher's)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Run directory (config, metrics, checkpoints, final/). Default runs/student."),
+    out: Optional[str] = typer.Option(None, "--out", help=f"Run directory (config, manifest, metrics, checkpoints, final/). Default {DEFAULT_OUT}."),
     init_from_config: Optional[str] = typer.Option(None, "--init-from-config", help="Initialise a fresh student from this model/config directory instead of --student."),
     layers: Optional[int] = typer.Option(None, "--layers", help="With --init-from-config: number of decoder layers."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="With --init-from-config: hidden size (a multiple of head_dim)."),
     online_teacher: Optional[str] = typer.Option(None, "--online-teacher", help="Reference mode: load this teacher (the store's) and train on its full distribution, run every step; the store gives only the token order. For measuring what caching costs."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="fkl | rkl | jsd | skl | srkl | tvd | sft (CE on the data / teacher generations). Default fkl."),
-    tail: Optional[str] = typer.Option(None, "--tail", help="Top-k tail: bucket (teacher mass outside top-k as one category) | renorm. Default bucket. Sampled stores use their importance weights."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default 1)."),
-    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help="Mix in CE on the data tokens: loss = (1-w) KD + w CE. Default 0."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="Generalised JSD beta in (0,1). Default 0.5."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Skew KL / skew reverse KL alpha in [0,1). Default 0.1."),
-    average: Optional[str] = typer.Option(None, "--average", help="token (every trained position weighs the same) | sequence (length-normalised). Default token."),
+    loss: Optional[str] = typer.Option(None, "--loss", help=with_default("fkl | rkl | jsd | skl | srkl | tvd | sft (CE on the data / teacher generations).", DEFAULTS, "loss")),
+    tail: Optional[str] = typer.Option(None, "--tail", help=with_default("Top-k stores' tail: bucket (teacher mass outside top-k as one category) | renorm. Headtail and sampled stores use their weights.", DEFAULTS, "tail")),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=with_default("Distillation temperature (headtail and sampled stores: 1 only).", DEFAULTS, "temperature")),
+    ce_weight: Optional[float] = typer.Option(None, "--ce-weight", help=with_default("Mix in CE on the data tokens: loss = (1-w) KD + w CE.", DEFAULTS, "ce_weight")),
+    beta: Optional[float] = typer.Option(None, "--beta", help=with_default("Generalised JSD beta in (0,1).", DEFAULTS, "beta")),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help=with_default("Skew KL / skew reverse KL alpha in [0,1).", DEFAULTS, "alpha")),
+    average: Optional[str] = typer.Option(None, "--average", help=with_default("token (every trained position weighs the same) | sequence (length-normalised).", DEFAULTS, "average")),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (or --epochs)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the store (default 1 when --max-steps is not given)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup then cosine). Default 3e-4."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=with_default("Peak learning rate (AdamW, warmup then cosine).", DEFAULTS, "lr")),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Default min(100, 5% of the steps)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max gradient norm (0 = off). Default 1."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per optimizer step (global, all processes). Default 4096."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Shuffle order and fresh-model init. Default 0."),
-    heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Fraction of samples (by content hash) never trained on. Default 0.02."),
-    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Held-out samples evaluated. Default 64."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between held-out evaluations. Default 100."),
-    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Steps between checkpoints. Default 200."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept. Default 2."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help=with_default("Max gradient norm (0 = off).", DEFAULTS, "grad_clip")),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help=with_default("Tokens per optimizer step (global, all processes).", DEFAULTS, "batch_tokens")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=with_default("Shuffle order and fresh-model init.", DEFAULTS, "seed")),
+    heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help=with_default("Fraction of samples (by content hash) never trained on.", DEFAULTS, "heldout_fraction")),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help=with_default("Held-out samples evaluated.", DEFAULTS, "eval_samples")),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help=with_default("Steps between held-out evaluations.", DEFAULTS, "eval_every")),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help=with_default("Steps between checkpoints.", DEFAULTS, "ckpt_every")),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help=with_default("Checkpoints kept.", DEFAULTS, "keep_checkpoints")),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the last checkpoint in --out."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an earlier run's checkpoints and final/ in --out."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after N steps in this session, with a checkpoint (continue with --resume)."),
     fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="Shard the student with FSDP under torchrun (students too big for one GPU)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Shard-decoding threads. Default 2."),
-    shuffle_shards: Optional[int] = typer.Option(None, "--shuffle-shards", help="Shards mixed together by the shuffle. Default 4."),
+    workers: Optional[int] = typer.Option(None, "--workers", help=with_default("Shard-decoding threads.", DEFAULTS, "workers")),
+    shuffle_shards: Optional[int] = typer.Option(None, "--shuffle-shards", help=with_default("Shards mixed together by the shuffle.", DEFAULTS, "shuffle_shards")),
     logit_chunk: Optional[int] = typer.Option(None, "--logit-chunk", help="Rows per lm_head chunk (default: ~8M logits per chunk)."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events (if installed)."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps per tokens/s window. Default 10."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help=with_default("Steps per tokens/s window.", DEFAULTS, "log_every")),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar. Default on."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of these options (flags override it)."),
 ) -> None:
@@ -63,7 +66,7 @@ def train_command(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in locals().items() if k in _OPTION_NAMES}
     try:
-        summary = train(store, student=student, out=out or "runs/student", config=config, **flags)
+        summary = train(store, student=student, out=out or DEFAULT_OUT, config=config, **flags)
     except (TrainError, StoreError, ConfigError, ValueError) as e:
         typer.echo(f"kdship train: error: {e}", err=True)
         raise typer.Exit(2)

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from kdship.heldout import DEFAULT_HELDOUT_FRACTION, heldout_mask
 from kdship.store import StoreReader
 
 
@@ -57,15 +58,6 @@ class Batch:
     global_rows: int
     epoch: int
     state: dict[str, int] = field(default_factory=dict)  # where the next batch starts
-
-
-def heldout_mask(sample_hash: np.ndarray, fraction: float) -> np.ndarray:
-    """[S] bool: samples held out for evaluation, from their content hash [S, 16] uint8."""
-    if fraction <= 0 or len(sample_hash) == 0:
-        return np.zeros(len(sample_hash), dtype=bool)
-    u = sample_hash[:, :4].astype(np.uint64)
-    val = (u[:, 0] << 24) | (u[:, 1] << 16) | (u[:, 2] << 8) | u[:, 3]
-    return val.astype(np.float64) / 2.0**32 < fraction
 
 
 @dataclass
@@ -196,7 +188,7 @@ class StoreLoader:
         store: str,
         batch_tokens: int,
         seed: int = 0,
-        heldout_fraction: float = 0.02,
+        heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
         eval_samples: int = 64,
         shuffle_shards: int = 4,
         workers: int = 2,

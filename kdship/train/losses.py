@@ -74,10 +74,12 @@ from typing import Callable
 
 import torch
 
+# teacher "rest" mass below REST_EPS is rounding, not a category: one threshold for train, export, eval
+from kdship.divergence import REST_EPS
+
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "sft")
 TAILS = ("bucket", "renorm")
 AVERAGES = ("token", "sequence")
-REST_EPS = 1e-6  # teacher "rest" mass below this is rounding, not a category
 # weighted rows (headtail) sum to 1 within the store's encoding error (<= 1e-3, cache/FORMAT.md); a
 # shortfall beyond this is a real "beyond" mass (vLLM's candidates missed it), not rounding
 BUCKET_EPS = 2e-3

@@ -12,6 +12,8 @@ The loop, nanoGPT style::
 Run directory::
 
     RUN_DIR/config.yaml          the resolved config (defaults < --config YAML < flags)
+    RUN_DIR/kdship_run.json      the run manifest (store, held-out rule, loss, student; kdship.run_manifest),
+                                 also in final/: what `kdship export` and the demo read
     RUN_DIR/metrics.jsonl        one record per step (loss parts, lr, tokens/s, memory) and per eval
     RUN_DIR/loss.png             loss and held-out KL curves
     RUN_DIR/checkpoints/step_N/  model.safetensors, state.pt (optimizer, tensors only), state.json
@@ -33,12 +35,16 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdship.heldout import DEFAULT_HELDOUT_FRACTION
+from kdship.run_manifest import MANIFEST_FILE, RunManifest
 
 log = logging.getLogger("kdship.train")
 
+DEFAULT_OUT = "runs/student"
 DEFAULTS: dict[str, Any] = {
     "student": None,
     "init_from_config": None,
@@ -61,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     "batch_tokens": 4096,
     "seed": 0,
-    "heldout_fraction": 0.02,
+    "heldout_fraction": DEFAULT_HELDOUT_FRACTION,
     "eval_samples": 64,
     "eval_every": 100,
     "ckpt_every": 200,
@@ -88,7 +94,7 @@ class TrainError(ValueError):
 
 
 def _tokenizer_sha256(tok) -> str:
-    from kdship.cache.render import tokenizer_sha256
+    from kdship.fingerprint import tokenizer_sha256
 
     return tokenizer_sha256(tok)
 
@@ -208,7 +214,7 @@ def load_online_teacher(path: str, store_header: dict[str, Any], store: str, voc
     if getattr(model.config, "final_logit_softcapping", None):
         raise TrainError(f"--online-teacher {path}: final-logit soft-capping is not implemented (the logits are taken from its lm_head)")
     try:  # a different teacher with the same tokenizer is allowed, but the reference is then not the store's
-        from kdship.cache.render import weights_sha256
+        from kdship.fingerprint import weights_sha256
 
         want_w = (store_header.get("teacher") or {}).get("weights_sha256")
         if want_w and weights_sha256(path) != want_w:
@@ -512,108 +518,166 @@ def _lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def train(store: str, student: str | None = None, out: str = "runs/student", config: str | None = None, **options: Any) -> dict[str, Any]:
+def train(store: str, student: str | None = None, out: str = DEFAULT_OUT, config: str | None = None, **options: Any) -> dict[str, Any]:
     """Train ``student`` (or a fresh model) on ``store``; write the run to ``out``. Returns a summary.
 
-    ``options``: any key of ``DEFAULTS`` (they override ``config``, a YAML file).
+    ``options``: any key of ``DEFAULTS`` (they override ``config``, a YAML file). The steps, in order:
+    settings, model, optimizer, resume (or a fresh run directory), the loop, the final model.
     """
     import torch
 
-    from kdship.config import resolve, save_yaml
     from kdship.store import StoreReader
-    from kdship.train.loader import StoreLoader
-    from kdship.train.losses import DistillLoss, LossConfig
+
+    cfg = _resolve_settings(store, student, config, options)
+    header = StoreReader(store, verify=False).header
+    _check_store_settings(header, cfg)
+    run = _Run(cfg=cfg, store=str(store), out_dir=Path(out), dist=_Dist(bool(cfg["fsdp"])))
+    run.autocast_dtype = torch.bfloat16 if run.dist.device.type == "cuda" else None
+    _setup_model(run, header)
+    _setup_optimizer(run)
+    _resume_or_start(run)
+    return _train_loop(run)
+
+
+@dataclass
+class _Run:
+    """What the steps of ``train`` share: settings, the student and its wrappers, optimizer, progress."""
+
+    cfg: dict[str, Any]
+    store: str
+    out_dir: Path
+    dist: Any
+    autocast_dtype: Any = None
+    model: Any = None
+    tok: Any = None
+    student_name: str = ""
+    vocab_tok: int = 0
+    teacher: Any = None  # --online-teacher only
+    wrapper: Any = None  # student + fused loss in one module (what DDP / FSDP wrap)
+    train_module: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    total_steps: int = 0
+    start_step: int = 0
+    tokens_seen: int = 0
+    loader_state: Any = None
+    resumed_from: str | None = None
+
+    @property
+    def device(self):
+        return self.dist.device
+
+    def rows_of(self, batch):
+        """The batch's target rows on the device: the store's, or the online teacher's full distribution."""
+        if self.teacher is not None:
+            return online_rows(self.teacher, batch, self.vocab_tok, self.device, self.autocast_dtype)
+        return batch.rows.to(self.device)
+
+    def make_loader(self, state=None, max_epochs=None):
+        from kdship.train.loader import StoreLoader
+
+        c = self.cfg
+        return StoreLoader(
+            self.store, int(c["batch_tokens"]), seed=int(c["seed"]), heldout_fraction=float(c["heldout_fraction"]),
+            eval_samples=int(c["eval_samples"]), shuffle_shards=int(c["shuffle_shards"]), workers=int(c["workers"]),
+            average=c["average"], rank=self.dist.rank, world_size=self.dist.world, max_epochs=max_epochs, state=state,
+        )
+
+    def checkpoint(self, step: int, loader_state) -> None:
+        save_checkpoint(self.out_dir, step, self.model, self.optimizer, self.scheduler, loader_state, {"tokens_seen": self.tokens_seen, "config": self.cfg},
+                        self.dist, self.wrapper, int(self.cfg["keep_checkpoints"]))
+
+
+def _resolve_settings(store, student, config, options) -> dict[str, Any]:
+    from kdship.config import resolve
 
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise TrainError(f"unknown train option(s): {', '.join(unknown)}")
     cfg = resolve(DEFAULTS, config, {**options, "student": student})
-    out_dir = Path(out)
-    dist_ctx = _Dist(bool(cfg["fsdp"]))
-    device = dist_ctx.device
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     if cfg["max_steps"] is not None and cfg["epochs"] is not None:
         raise TrainError("give --max-steps or --epochs, not both")
     if cfg["max_steps"] is None and cfg["epochs"] is None:
         cfg["epochs"] = 1
     if cfg["stop_after"] is not None and int(cfg["stop_after"]) < 1:
         raise TrainError(f"--stop-after must be >= 1, got {cfg['stop_after']}")
+    return cfg
 
-    reader = StoreReader(store, verify=False)
-    header = reader.header
-    sampled = header.get("targets") in ("sampled", "headtail")
+
+def _check_store_settings(header: dict[str, Any], cfg: dict[str, Any]) -> None:
+    weighted = header.get("targets") in ("sampled", "headtail")
     if cfg["loss"] != "sft" and header.get("mode") == "generate" and cfg["ce_weight"] == 0:
         log.info("generate store: KD on the teacher's own samples (use --loss sft for plain sequence-level KD)")
-    if sampled and cfg["temperature"] != 1.0 and not cfg["online_teacher"]:
+    if weighted and cfg["temperature"] != 1.0 and not cfg["online_teacher"]:
         raise TrainError(f"--temperature: a {header.get('targets')}-targets store was drawn at temperature 1; use --temperature 1")
 
-    model, tok, student_name = load_student(cfg["student"], cfg["init_from_config"], cfg["layers"], cfg["hidden"], int(cfg["seed"]))
-    check_tokenizer(header, tok, student_name, store)
-    vocab_tok = len(tok)
+
+def _setup_model(run: _Run, header: dict[str, Any]) -> None:
+    """The student (checked against the store's tokenizer), the fused loss, DDP / FSDP wrapping."""
+    from kdship.train.losses import DistillLoss, LossConfig
+
+    cfg = run.cfg
+    run.model, run.tok, run.student_name = load_student(cfg["student"], cfg["init_from_config"], cfg["layers"], cfg["hidden"], int(cfg["seed"]))
+    check_tokenizer(header, run.tok, run.student_name, run.store)
+    run.vocab_tok = len(run.tok)
+    model = run.model
     emb_rows = model.get_output_embeddings().weight.shape[0]
-    if emb_rows < vocab_tok:
-        raise TrainError(f"the student's output embedding has {emb_rows} rows but its tokenizer {vocab_tok} tokens")
+    if emb_rows < run.vocab_tok:
+        raise TrainError(f"the student's output embedding has {emb_rows} rows but its tokenizer {run.vocab_tok} tokens")
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
-        raise TrainError(f"{student_name}: its lm_head has a bias or final-logit soft-capping, which the fused chunked loss does not implement")
-    model.to(device)
+        raise TrainError(f"{run.student_name}: its lm_head has a bias or final-logit soft-capping, which the fused chunked loss does not implement")
+    model.to(run.device)
     model.config.use_cache = False
-    teacher = None
     if cfg["online_teacher"]:
-        teacher = load_online_teacher(str(cfg["online_teacher"]), header, store, vocab_tok, device)
-        if dist_ctx.main:
+        run.teacher = load_online_teacher(str(cfg["online_teacher"]), header, run.store, run.vocab_tok, run.device)
+        if run.dist.main:
             log.info("online KD: targets are %s's full distribution at every step (the store gives the token order only)", cfg["online_teacher"])
-
-    def rows_of(b):
-        return online_rows(teacher, b, vocab_tok, device, autocast_dtype) if teacher is not None else b.rows.to(device)
-
     loss_cfg = LossConfig(
         kind=cfg["loss"], tail=cfg["tail"], temperature=float(cfg["temperature"]), ce_weight=float(cfg["ce_weight"]),
         beta=float(cfg["beta"]), alpha=float(cfg["alpha"]), chunk_rows=cfg["logit_chunk"],
     )
-    loss_fn = DistillLoss(loss_cfg, vocab_size=vocab_tok)
-    wrapper = _make_wrapper(model, loss_fn, autocast_dtype)
-    if dist_ctx.fsdp:
+    run.wrapper = _make_wrapper(model, DistillLoss(loss_cfg, vocab_size=run.vocab_tok), run.autocast_dtype)
+    if run.dist.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        layers = getattr(getattr(model, model.base_model_prefix), "layers", [])
-        for layer in layers:
+        for layer in getattr(getattr(model, model.base_model_prefix), "layers", []):
             fully_shard(layer)
-        fully_shard(wrapper)
-        train_module = wrapper
-    elif dist_ctx.enabled:
+        fully_shard(run.wrapper)
+        run.train_module = run.wrapper
+    elif run.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_module = DDP(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+        run.train_module = DDP(run.wrapper, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     else:
-        train_module = wrapper
+        run.train_module = run.wrapper
 
+
+def _setup_optimizer(run: _Run) -> None:
+    """AdamW (no decay on vectors), warmup + cosine over the run's total steps."""
+    import torch
+
+    cfg = run.cfg
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for _, p in run.model.named_parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
-    optimizer = torch.optim.AdamW(
+    run.optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
         lr=float(cfg["lr"]), betas=(0.9, 0.95), foreach=True,
     )
+    run.total_steps = int(cfg["max_steps"]) if cfg["max_steps"] is not None else run.make_loader(max_epochs=int(cfg["epochs"])).count_batches()
+    if run.total_steps < 1:
+        raise TrainError(f"{run.store}: nothing to train on (0 steps; is every sample held out or without loss_mask?)")
+    warmup = int(cfg["warmup_steps"]) if cfg["warmup_steps"] is not None else min(100, max(1, run.total_steps // 20))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, _lr_lambda(warmup, run.total_steps, float(cfg["min_lr_ratio"])))
 
-    def make_loader(state=None, max_epochs=None):
-        return StoreLoader(
-            store, int(cfg["batch_tokens"]), seed=int(cfg["seed"]), heldout_fraction=float(cfg["heldout_fraction"]),
-            eval_samples=int(cfg["eval_samples"]), shuffle_shards=int(cfg["shuffle_shards"]), workers=int(cfg["workers"]),
-            average=cfg["average"], rank=dist_ctx.rank, world_size=dist_ctx.world, max_epochs=max_epochs, state=state,
-        )
 
-    if cfg["max_steps"] is not None:
-        total_steps = int(cfg["max_steps"])
-    else:
-        total_steps = make_loader(max_epochs=int(cfg["epochs"])).count_batches()
-    if total_steps < 1:
-        raise TrainError(f"{store}: nothing to train on (0 steps; is every sample held out or without loss_mask?)")
-    warmup = int(cfg["warmup_steps"]) if cfg["warmup_steps"] is not None else min(100, max(1, total_steps // 20))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps, float(cfg["min_lr_ratio"])))
+def _resume_or_start(run: _Run) -> None:
+    """Continue from the last checkpoint (--resume, same settings only) or start a fresh run directory;
+    then write the resolved config and the run manifest."""
+    from kdship.config import save_yaml
 
-    start_step, tokens_seen, loader_state = 0, 0, None
-    resumed_from = None
+    cfg, out_dir, dist = run.cfg, run.out_dir, run.dist
     if cfg["resume"]:
         ckpts = _ckpt_dirs(out_dir)
         if ckpts:
@@ -621,52 +685,59 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
             changed = [k for k in ("loss", "tail", "batch_tokens", "seed", "lr", "temperature", "ce_weight", "online_teacher") if k in saved_cfg and saved_cfg[k] != cfg[k]]
             if changed:
                 raise TrainError(f"--resume {out_dir}: the run was started with different {', '.join(changed)}; resume with the same settings")
-            st = load_checkpoint(ckpts[-1], model, optimizer, scheduler, dist_ctx)
-            start_step, tokens_seen, loader_state = st["step"], st["tokens_seen"], st["loader"]
-            resumed_from = str(ckpts[-1])
-            if dist_ctx.main:
-                log.info("resuming from %s (step %d)", ckpts[-1], start_step)
-        elif dist_ctx.main:
+            st = load_checkpoint(ckpts[-1], run.model, run.optimizer, run.scheduler, dist)
+            run.start_step, run.tokens_seen, run.loader_state = st["step"], st["tokens_seen"], st["loader"]
+            run.resumed_from = str(ckpts[-1])
+            if dist.main:
+                log.info("resuming from %s (step %d)", ckpts[-1], run.start_step)
+        elif dist.main:
             log.info("--resume: no checkpoint in %s; starting fresh", out_dir)
     elif _ckpt_dirs(out_dir) or (out_dir / "final").exists():
         if not cfg["overwrite"]:
             raise TrainError(f"{out_dir} holds an earlier run (checkpoints or final/); pass --resume to continue it, --overwrite to replace it, or another --out")
-        dist_ctx.barrier()
-        if dist_ctx.main:
+        dist.barrier()
+        if dist.main:
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
             shutil.rmtree(out_dir / "final", ignore_errors=True)
-        dist_ctx.barrier()
-
-    if dist_ctx.main:
+        dist.barrier()
+    if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml({**cfg, "store": str(store), "out": str(out_dir), "world_size": dist_ctx.world, "device": str(device)}, out_dir / "config.yaml")
-    dist_ctx.barrier()
-    metrics = Metrics(out_dir, dist_ctx.main, bool(cfg["tensorboard"]), start_step if resumed_from else None)
-    loader = make_loader(state=loader_state, max_epochs=int(cfg["epochs"]) if cfg["epochs"] is not None else None)
+        save_yaml({**cfg, "store": run.store, "out": str(out_dir), "world_size": dist.world, "device": str(run.device)}, out_dir / "config.yaml")
+        RunManifest.from_config(cfg, run.store, run.student_name).write(out_dir)
+    dist.barrier()
+
+
+def _train_loop(run: _Run) -> dict[str, Any]:
+    """The loop (nanoGPT style, module docstring), held-out evals and checkpoints; then the summary and
+    the final model (or, after --stop-after, a checkpoint to resume from)."""
+    import torch
+
+    cfg, dist, model = run.cfg, run.dist, run.model
+    metrics = Metrics(run.out_dir, dist.main, bool(cfg["tensorboard"]), run.start_step if run.resumed_from else None)
+    loader = run.make_loader(state=run.loader_state, max_epochs=int(cfg["epochs"]) if cfg["epochs"] is not None else None)
     eval_batches = loader.eval_batches()
-    if not eval_batches and dist_ctx.main:
-        log.warning("%s: no held-out samples (heldout_fraction=%s); held-out KL is not measured", store, cfg["heldout_fraction"])
+    if not eval_batches and dist.main:
+        log.warning("%s: no held-out samples (heldout_fraction=%s); held-out KL is not measured", run.store, cfg["heldout_fraction"])
 
     def run_eval(step: int) -> dict | None:
         if not eval_batches:
             return None
-        ev = evaluate(train_module, wrapper, eval_batches, device, vocab_tok, cfg["logit_chunk"], rows_of)
-        rec = {"step": step, **ev}
+        rec = {"step": step, **evaluate(run.train_module, run.wrapper, eval_batches, run.device, run.vocab_tok, cfg["logit_chunk"], run.rows_of)}
         metrics.log(rec)
         return rec
 
-    first_eval = run_eval(start_step) if start_step == 0 else None
-    stop_at = total_steps if cfg["stop_after"] is None else min(total_steps, start_step + int(cfg["stop_after"]))
+    first_eval = run_eval(run.start_step) if run.start_step == 0 else None
+    stop_at = run.total_steps if cfg["stop_after"] is None else min(run.total_steps, run.start_step + int(cfg["stop_after"]))
     bar = None
-    if dist_ctx.main and cfg["progress"]:
+    if dist.main and cfg["progress"]:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, desc="kdship train", unit="step", mininterval=1.0, dynamic_ncols=True)
-    step = start_step
+        bar = tqdm(total=run.total_steps, initial=run.start_step, desc="kdship train", unit="step", mininterval=1.0, dynamic_ncols=True)
+    step = run.start_step
     t0 = time.perf_counter()
     window_tokens, window_t = 0, time.perf_counter()
     last_rec: dict = {}
-    last_state = loader_state
+    last_state = run.loader_state
     model.train()
     it = iter(loader)
     try:
@@ -675,24 +746,23 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
                 batch = next(it)
             except StopIteration:
                 break
-            out_ = train_module(batch.input_ids.to(device), batch.position_ids.to(device), batch.pred_index.to(device), rows_of(batch))
-            loss, parts = out_
+            loss, parts = run.train_module(batch.input_ids.to(run.device), batch.position_ids.to(run.device), batch.pred_index.to(run.device), run.rows_of(batch))
             # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
-            (loss * dist_ctx.world).backward()
+            (loss * dist.world).backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"])) if cfg["grad_clip"] else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += batch.global_tokens
+            run.tokens_seen += batch.global_tokens
             window_tokens += batch.global_tokens
             last_state = batch.state
-            loss_g, kd_g, ce_g = dist_ctx.all_sum([parts["loss"], parts["kd"], parts["ce"]])
+            loss_g, kd_g, ce_g = dist.all_sum([parts["loss"], parts["kd"], parts["ce"]])
             now = time.perf_counter()
             rec = {
-                "step": step, "epoch": batch.epoch, "loss": loss_g, "kd": kd_g, "ce": ce_g, "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": tokens_seen,
-                "tokens_per_s": window_tokens / max(1e-9, now - window_t), "peak_mem_mb": _peak_memory_mb(device),
+                "step": step, "epoch": batch.epoch, "loss": loss_g, "kd": kd_g, "ce": ce_g, "lr": run.scheduler.get_last_lr()[0],
+                "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": run.tokens_seen,
+                "tokens_per_s": window_tokens / max(1e-9, now - window_t), "peak_mem_mb": _peak_memory_mb(run.device),
                 "elapsed_s": now - t0,
             }
             if step % int(cfg["log_every"]) == 0:
@@ -702,36 +772,36 @@ def train(store: str, student: str | None = None, out: str = "runs/student", con
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_g:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if int(cfg["eval_every"]) > 0 and step % int(cfg["eval_every"]) == 0 and step < total_steps:
+            if int(cfg["eval_every"]) > 0 and step % int(cfg["eval_every"]) == 0 and step < run.total_steps:
                 run_eval(step)
-            if int(cfg["ckpt_every"]) > 0 and step % int(cfg["ckpt_every"]) == 0 and step < total_steps:
-                save_checkpoint(out_dir, step, model, optimizer, scheduler, last_state, {"tokens_seen": tokens_seen, "config": cfg}, dist_ctx, wrapper, int(cfg["keep_checkpoints"]))
+            if int(cfg["ckpt_every"]) > 0 and step % int(cfg["ckpt_every"]) == 0 and step < run.total_steps:
+                run.checkpoint(step, last_state)
     finally:
         if bar is not None:
             bar.close()
         loader.close()
     elapsed = time.perf_counter() - t0
-    finished = step >= total_steps or cfg["stop_after"] is None
-    final_eval = run_eval(step) if step > start_step or first_eval is None else first_eval
+    finished = step >= run.total_steps or cfg["stop_after"] is None
+    final_eval = run_eval(step) if step > run.start_step or first_eval is None else first_eval
     summary: dict[str, Any] = {
-        "out": str(out_dir), "steps": step, "total_steps": total_steps, "tokens": tokens_seen, "seconds": elapsed,
-        "tokens_per_s": (tokens_seen - 0) / elapsed if elapsed > 0 and not resumed_from else None,
-        "loss_last": last_rec.get("loss"), "resumed_from": resumed_from, "world_size": dist_ctx.world,
+        "out": str(run.out_dir), "steps": step, "total_steps": run.total_steps, "tokens": run.tokens_seen, "seconds": elapsed,
+        "tokens_per_s": run.tokens_seen / elapsed if elapsed > 0 and not run.resumed_from else None,
+        "loss_last": last_rec.get("loss"), "resumed_from": run.resumed_from, "world_size": dist.world,
         "heldout_kl_first": first_eval["heldout_kl"] if first_eval else None,
         "heldout_kl_last": final_eval["heldout_kl"] if final_eval else None,
         "skipped_samples_without_targets": loader.skipped_empty,
     }
     if not finished:  # --stop-after: a checkpoint to resume from, no final model yet
-        save_checkpoint(out_dir, step, model, optimizer, scheduler, last_state, {"tokens_seen": tokens_seen, "config": cfg}, dist_ctx, wrapper, int(cfg["keep_checkpoints"]))
+        run.checkpoint(step, last_state)
         summary["final"] = None
     else:
-        summary["final"] = _save_final(out_dir, model, tok, dist_ctx, wrapper, optimizer, summary, store)
-    if dist_ctx.main:
-        metrics.plot(out_dir / "loss.png")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        summary["final"] = _save_final(run.out_dir, model, run.tok, dist, run.wrapper, run.optimizer, summary, run.store)
+    if dist.main:
+        metrics.plot(run.out_dir / "loss.png")
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     metrics.close()
-    dist_ctx.barrier()
-    dist_ctx.close()
+    dist.barrier()
+    dist.close()
     return summary
 
 
@@ -746,6 +816,7 @@ def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary
     model.config.use_cache = True
     model.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
     tok.save_pretrained(tmp)
+    shutil.copy2(out_dir / MANIFEST_FILE, tmp / MANIFEST_FILE)
     (tmp / "kdship_train.json").write_text(json.dumps({"store": str(store), **{k: v for k, v in summary.items() if k != "final"}}, indent=1, default=str))
     if final.exists():
         shutil.rmtree(final)
