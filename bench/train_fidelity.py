@@ -104,7 +104,7 @@ def main() -> None:
 
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.time()
-        s = train(str(spath), student=str(student0), out=str(run), epochs=epochs, batch_tokens=512, lr=3e-3, tail=tail, heldout_fraction=0.0,
+        s = train(str(spath), student=str(student0), out=str(run), epochs=epochs, batch_tokens=512, lr=3e-3, tail=tail, ce_weight=0.0, heldout_fraction=0.0,
                   eval_every=0, ckpt_every=0, progress=False, seed=0)
         st = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32).eval()
         kl = heldout_kl(t_model, st, held_texts, tok)

