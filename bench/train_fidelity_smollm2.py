@@ -392,6 +392,9 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
     if dk_store:
         lines.append(f"DistillKit scheme: {dk_store['bytes']} bytes/position ({dk_store['bytes_note']}); decoded top-50 mass error per row up to {dk_store['max_row_mass_error']}.")
     lines += ["", verdict(means, names, state)]
+    per_seed = [f"{n}: seed {sd} {by[(n, sd)]['kl'] / by[(ref_name, sd)]['kl']:.4f}" for n in names[1:] for sd in seeds if (n, sd) in by and (ref_name, sd) in by]
+    if per_seed and not all(means.get(n) for n in names):
+        lines.append("÷ full-logit on the seeds measured so far (one seed is not the goal's measure): " + "; ".join(per_seed) + ".")
     n_done, n_all = len(state["rows"]), len(names) * len(seeds)
     lines.append(f"\nPartial: {n_done} of {n_all} students measured so far (the script writes after every student; rerun to continue)." if n_done < n_all
                  else f"\nWhole script: {wall_s / 60:.0f} min wall time ({len(state['stores'])} stores, {n_done} students).")

@@ -17,7 +17,7 @@ from kdship.train.trainer import TrainError, train
 
 from train_stores import write_teacher_store
 
-FAST = dict(progress=False, heldout_fraction=0.1, eval_samples=16, batch_tokens=384, lr=3e-3, warmup_steps=2)
+FAST = dict(progress=False, ce_weight=0.0, heldout_fraction=0.1, eval_samples=16, batch_tokens=384, lr=3e-3, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_real_run_on_a_vllm_store_lowers_heldout_kl_and_vllm_loads_the_student(v
 
     run = tmp_path / "run"
     s = train(str(vllm_store), student=str(tiny_student), out=str(run), max_steps=40, batch_tokens=512, lr=3e-3, eval_every=20,
-              ckpt_every=0, heldout_fraction=0.1, eval_samples=16, progress=False)
+              ckpt_every=0, heldout_fraction=0.1, eval_samples=16, ce_weight=0.0, progress=False)
     assert s["heldout_kl_last"] < 0.95 * s["heldout_kl_first"], s
     # the final student runs in the vLLM engine and agrees with transformers
     be = VLLMBackend(str(run / "final"), max_model_len=128)
@@ -50,7 +50,7 @@ def test_sampled_targets_store_trains(tiny_teacher, tiny_student, tmp_path):
     texts = [" ".join(sents[i : i + 3]) for i in range(0, 300, 3)]
     store = write_teacher_store(tiny_teacher, tmp_path / "sampled", texts, top_k=12, sampled_draws=12, shard_size=50)
     s = train(str(store), student=str(tiny_student), out=str(tmp_path / "run"), max_steps=30, batch_tokens=512, lr=3e-3,
-              eval_every=0, ckpt_every=0, heldout_fraction=0.1, eval_samples=16, progress=False)
+              eval_every=0, ckpt_every=0, heldout_fraction=0.1, eval_samples=16, ce_weight=0.0, progress=False)
     assert s["heldout_kl_last"] < 0.97 * s["heldout_kl_first"], s
     with pytest.raises(Exception, match="temperature"):
         train(str(store), student=str(tiny_student), out=str(tmp_path / "r2"), max_steps=1, temperature=2.0, progress=False)
