@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import shutil
 import sys
 import time
@@ -38,19 +36,13 @@ from kdship.demo.pipeline import env_defaults  # noqa: E402  (vLLM in-process, a
 
 env_defaults()
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_fidelity_smollm2 import _machine  # noqa: E402  (one description of the machine for the train benches)
+
 
 # the demo sizes that shape the store, the student and its training (the runs' identity)
 RUN_SIZES = ("train_conversations", "heldout_conversations", "ood_passages", "max_turns", "max_length", "keep_layers", "calibration_tokens",
              "epochs", "batch_tokens", "lr", "seed")
-
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), CPU only; load average {os.getloadavg()[0]:.1f} when this file was written"
 
 
 def variant_name(ce: float | None) -> str:
