@@ -7,8 +7,9 @@ YAML file, which wins over the verb's own defaults.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -62,6 +63,17 @@ def _plain(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return v
+
+
+def signature_defaults(fn: Callable, exclude: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """The keyword defaults of a verb's function (the one place they are stated), keyed as the CLI names
+    them (``rename``: function parameter -> CLI option), for ``resolve`` and ``with_default``."""
+    rename = rename or {}
+    return {
+        rename.get(n, n): p.default
+        for n, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty and n not in exclude
+    }
 
 
 def with_default(help_text: str, defaults: dict[str, Any], key: str) -> str:

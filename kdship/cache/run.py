@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from kdship.config import signature_defaults
 from kdship.cache.targets import draw_headtail_targets, draw_sampled_targets
 from kdship.data import DataError, Row, data_fingerprint, read_rows
 from kdship.store import Shard, StoreHeader, StoreWriter, shard_path
@@ -50,39 +51,6 @@ TARGETS = ("headtail", "topk", "sampled")
 # --top-k's default per target kind: the exact head of headtail, k of topk, the draws of sampled
 TOP_K_DEFAULT = {"headtail": 4, "topk": 32, "sampled": 32}
 BACKENDS = ("vllm", "hf", "openai")
-
-DEFAULTS: dict[str, Any] = dict(
-    mode="score",
-    top_k=None,
-    backend="vllm",
-    targets=None,
-    draws=8,
-    samples=1,
-    temperature=1.0,
-    top_p=1.0,
-    max_new_tokens=256,
-    seed=0,
-    max_length=2048,
-    overflow="error",
-    shard_size=None,
-    shard_positions=65536,
-    resume=True,
-    overwrite=False,
-    skip_bad=False,
-    num_shards=1,
-    shard_index=0,
-    tensor_parallel_size=1,
-    teacher_url=None,
-    api_key=None,
-    filter=None,
-    min_new_tokens=None,
-    max_response_tokens=None,
-    dedupe=False,
-    require_finished=False,
-    sampled_candidates=1024,
-    split=None,
-    progress=True,
-)
 
 
 class CacheError(RuntimeError):
@@ -182,6 +150,10 @@ def cache(
     if complete:
         writer.update_header(complete=True)
     return _summary(o, stats, reject_counts, backend_ref, t_start, header.top_k, n_records, len(shard_bounds), len(todo), len(mine), n_rejects, complete)
+
+
+# every option's default, stated once (cache()'s signature): the CLI's help and YAML keys read it
+DEFAULTS: dict[str, Any] = signature_defaults(cache, exclude=("teacher_backend",))
 
 
 @dataclass

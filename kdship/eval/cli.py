@@ -7,24 +7,10 @@ from typing import List, Optional
 
 import typer
 
-DEFAULTS = {
-    "data": None,
-    "teacher": None,
-    "ood": None,
-    "perturb": "typo,swap,distractor",
-    "out": "eval_report",
-    "task": None,
-    "reference": None,
-    "batch_size": 8,
-    "max_new_tokens": 64,
-    "seed": 0,
-    "perturb_rate": 0.1,
-    "limit": None,
-    "device": None,
-    "dtype": "float32",
-    "rouge_threshold": 0.5,
-    "models": [],
-}
+from kdship.config import signature_defaults, with_default
+from kdship.eval.run import evaluate
+
+DEFAULTS = {"models": [], "data": None, **signature_defaults(evaluate, exclude=("models", "data", "progress"))}
 
 
 def eval_command(
@@ -33,18 +19,18 @@ def eval_command(
     data: Optional[str] = typer.Option(None, "--data", help="In-distribution data: JSONL / Parquet / datasets folder, or a kdship store (lm task on its sequences)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher: a model folder (evaluated too, and the retention reference) or a kdship store (KL from its top-k)."),
     ood: Optional[str] = typer.Option(None, "--ood", help="Out-of-distribution data of the same task."),
-    perturb: Optional[str] = typer.Option(None, "--perturb", help="Seeded adversarial copies of the data: comma list of typo,swap,distractor; 'none' for none (default all three)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Report folder (report.json, report.md, report.png, items.jsonl). Default eval_report."),
+    perturb: Optional[str] = typer.Option(None, "--perturb", help=with_default("Seeded adversarial copies of the data: comma list of typo,swap,distractor; 'none' for none.", DEFAULTS, "perturb")),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help=with_default("Report folder (report.json, report.md, report.png, items.jsonl).", DEFAULTS, "out")),
     task: Optional[str] = typer.Option(None, "--task", help="lm | answer | choice | generation (default: detected from the rows)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Model name that retention divides by (default: 'teacher')."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward / generate call (default 8)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Greedy generation length for answer/generation tasks (default 64)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Perturbation seed (default 0)."),
-    perturb_rate: Optional[float] = typer.Option(None, "--perturb-rate", help="Share of words edited by typo/swap (default 0.1, at least one)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=with_default("Sequences per forward / generate call.", DEFAULTS, "batch_size")),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=with_default("Greedy generation length for answer/generation tasks.", DEFAULTS, "max_new_tokens")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=with_default("Perturbation seed.", DEFAULTS, "seed")),
+    perturb_rate: Optional[float] = typer.Option(None, "--perturb-rate", help=with_default("Share of words edited by typo/swap (at least one).", DEFAULTS, "perturb_rate")),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N rows of each split."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default cuda when available)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) | bfloat16 | float16."),
-    rouge_threshold: Optional[float] = typer.Option(None, "--rouge-threshold", help="generation task: ROUGE-L F1 counted as 'right' for attack success (default 0.5)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=with_default("float32 | bfloat16 | float16.", DEFAULTS, "dtype")),
+    rouge_threshold: Optional[float] = typer.Option(None, "--rouge-threshold", help=with_default("generation task: ROUGE-L F1 counted as 'right' for attack success.", DEFAULTS, "rouge_threshold")),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of these options (flags override it); `models:` may list NAME=PATH."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout."),

@@ -79,41 +79,11 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     t0 = time.time()
-    models = dict(models)
+    models, teacher_store, reference = _resolve_models(models, teacher, reference)
     perturbations = parse_perturbations(perturb)
-    teacher_store = None
-    if teacher is not None:
-        if is_store(teacher):
-            teacher_store = str(teacher)
-        else:
-            if "teacher" in models and str(models["teacher"]) != str(teacher):
-                raise EvalError(f"--teacher {teacher} and a model named 'teacher' ({models['teacher']}) disagree")
-            models = {"teacher": str(teacher), **{k: v for k, v in models.items() if k != "teacher"}}
-    if not models:
-        raise EvalError("no model to evaluate: pass MODEL paths (NAME=PATH) or --teacher DIR")
-    for name, path in models.items():  # before reading any data: a typo in a path fails fast
-        if "://" not in str(path) and not Path(path).exists():
-            raise EvalError(f"model {name!r}: {path} does not exist")
-    if reference is None and "teacher" in models:
-        reference = "teacher"
-    if reference is not None and reference not in models:
-        raise EvalError(f"--reference {reference!r} is not one of the models ({', '.join(models)})")
-
-    task, id_items = load_items(data, task, limit)
+    task, splits, perturbations, perturb_skipped = _read_splits(data, ood, task, limit, perturbations, seed, perturb_rate)
     if is_store(data) and teacher_store is None:
         teacher_store = str(data)  # a store as data carries its own teacher
-    splits: dict[str, list[Item]] = {"id": id_items}
-    if ood:
-        _, ood_items = load_items(ood, task, limit)  # the id task: OOD rows must fit it
-        splits["ood"] = ood_items
-    perturb_skipped = None
-    if perturbations and id_items and id_items[0].row is None:
-        # a store holds token ids, not text: nothing to misspell. Logged and written to the report.
-        perturb_skipped = f"--perturb {','.join(perturbations)} skipped: {data} is a store of fixed token sequences, not text"
-        log.warning(perturb_skipped)
-        perturbations = []
-    for kind in perturbations:
-        splits[kind] = [perturb_item(it, kind, seed, perturb_rate) for it in id_items]
 
     from kdship.eval.models import load_model
 
@@ -132,29 +102,7 @@ def evaluate(
             results[split] = {n: _run_choice(m, items, batch_size, progress, split) for n, m in loaded.items()}
         else:
             results[split] = {n: _run_generate(m, items, task, batch_size, max_new_tokens, rouge_threshold, progress, split) for n, m in loaded.items()}
-
-    split_metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    for split, per_model in results.items():
-        split_metrics[split] = {n: _aggregate(task, rows) for n, rows in per_model.items()}
-        if split in perturbations and task != "lm":
-            for n, rows in per_model.items():
-                before = [r["correct"] for r in results["id"][n]]
-                after = [r["correct"] for r in rows]
-                split_metrics[split][n].update(M.attack_success(before, after))
-
-    retention_table: dict[str, dict[str, dict[str, Any]]] = {}
-    if reference is not None:
-        for split, per_model in split_metrics.items():
-            ref = per_model[reference]
-            retention_table[split] = {}
-            for n, mets in per_model.items():
-                if n == reference:
-                    continue
-                retention_table[split][n] = {}
-                for metric, hib in M.HIGHER_IS_BETTER.items():
-                    if metric in mets and metric in ref and metric != "kl_to_teacher":
-                        r = M.retention(mets[metric], ref[metric], hib)
-                        retention_table[split][n][metric] = {"student": mets[metric], "teacher": ref[metric], "higher_is_better": hib, **r}
+    split_metrics = _split_metrics(task, results, perturbations)
 
     report = {
         "task": task,
@@ -171,11 +119,90 @@ def evaluate(
         "perturb_rate": perturb_rate,
         "rouge_threshold": rouge_threshold if task == "generation" else None,
         "splits": {s: {"items": len(splits[s]), "metrics": split_metrics[s]} for s in splits},
-        "retention": retention_table,
+        "retention": _retention_table(split_metrics, reference),
         "retention_note": "ratio = student / teacher; retention = the same oriented so that higher is better and 1.0 is the teacher's level (teacher / student for lower-is-better metrics)",
         "seconds": round(time.time() - t0, 2),
     }
-    outdir = Path(out)
+    return _write_report(report, results, splits, Path(out))
+
+
+def _resolve_models(models: dict[str, str], teacher: str | None, reference: str | None) -> tuple[dict[str, str], str | None, str | None]:
+    """The models to load (a live ``teacher`` first), the teacher store if ``teacher`` is one, and the
+    reference model's name; every path checked before any data is read, so a typo fails fast."""
+    models = dict(models)
+    teacher_store = None
+    if teacher is not None:
+        if is_store(teacher):
+            teacher_store = str(teacher)
+        else:
+            if "teacher" in models and str(models["teacher"]) != str(teacher):
+                raise EvalError(f"--teacher {teacher} and a model named 'teacher' ({models['teacher']}) disagree")
+            models = {"teacher": str(teacher), **{k: v for k, v in models.items() if k != "teacher"}}
+    if not models:
+        raise EvalError("no model to evaluate: pass MODEL paths (NAME=PATH) or --teacher DIR")
+    for name, path in models.items():
+        if "://" not in str(path) and not Path(path).exists():
+            raise EvalError(f"model {name!r}: {path} does not exist")
+    if reference is None and "teacher" in models:
+        reference = "teacher"
+    if reference is not None and reference not in models:
+        raise EvalError(f"--reference {reference!r} is not one of the models ({', '.join(models)})")
+    return models, teacher_store, reference
+
+
+def _read_splits(data: str, ood: str | None, task: str | None, limit: int | None, perturbations: list[str], seed: int,
+                 perturb_rate: float) -> tuple[str, dict[str, list[Item]], list[str], str | None]:
+    """The task and its splits: ``id``, ``ood`` and one seeded perturbed copy of ``id`` per perturbation
+    (skipped, logged and reported, when the data is a store of token ids: there is no text to edit)."""
+    task, id_items = load_items(data, task, limit)
+    splits: dict[str, list[Item]] = {"id": id_items}
+    if ood:
+        _, ood_items = load_items(ood, task, limit)  # the id task: OOD rows must fit it
+        splits["ood"] = ood_items
+    perturb_skipped = None
+    if perturbations and id_items and id_items[0].row is None:
+        perturb_skipped = f"--perturb {','.join(perturbations)} skipped: {data} is a store of fixed token sequences, not text"
+        log.warning(perturb_skipped)
+        perturbations = []
+    for kind in perturbations:
+        splits[kind] = [perturb_item(it, kind, seed, perturb_rate) for it in id_items]
+    return task, splits, perturbations, perturb_skipped
+
+
+def _split_metrics(task: str, results: dict, perturbations: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per split and model: the task's metrics, plus attack success on the perturbed splits."""
+    split_metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    for split, per_model in results.items():
+        split_metrics[split] = {n: _aggregate(task, rows) for n, rows in per_model.items()}
+        if split in perturbations and task != "lm":
+            for n, rows in per_model.items():
+                before = [r["correct"] for r in results["id"][n]]
+                after = [r["correct"] for r in rows]
+                split_metrics[split][n].update(M.attack_success(before, after))
+    return split_metrics
+
+
+def _retention_table(split_metrics: dict, reference: str | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per split, model and metric: the student's value against the reference's, oriented as retention."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    if reference is None:
+        return table
+    for split, per_model in split_metrics.items():
+        ref = per_model[reference]
+        table[split] = {}
+        for n, mets in per_model.items():
+            if n == reference:
+                continue
+            table[split][n] = {}
+            for metric, hib in M.HIGHER_IS_BETTER.items():
+                if metric in mets and metric in ref and metric != "kl_to_teacher":
+                    r = M.retention(mets[metric], ref[metric], hib)
+                    table[split][n][metric] = {"student": mets[metric], "teacher": ref[metric], "higher_is_better": hib, **r}
+    return table
+
+
+def _write_report(report: dict[str, Any], results: dict, splits: dict[str, list[Item]], outdir: Path) -> dict[str, Any]:
+    """report.json, items.jsonl (every item and model), report.md and report.png under ``outdir``."""
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "report.json").write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False), encoding="utf-8")
     with (outdir / "items.jsonl").open("w", encoding="utf-8") as fh:

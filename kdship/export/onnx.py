@@ -101,9 +101,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, model=None, source: 
 
     The graph is float32 (fp16 weights gave no speed-up on the CPU, see docs/export.md).
     """
+    import warnings
+
     import torch
-    from torch.export import Dim
-    from transformers import DynamicCache
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
@@ -114,55 +114,17 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, model=None, source: 
     config = model.config
     _check_supported(config, model_dir)
     info = kv_shape_info(config)
-    L = info["num_layers"]
-    names = io_names(L)
-
-    class DecoderWithCache(torch.nn.Module):
-        """(input_ids, attention_mask, position_ids, *past) -> (logits, *present), tensors only."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, position_ids, past):
-            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)], config=config)
-            out = self.inner(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True
-            )
-            present = []
-            for layer in out.past_key_values.layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
-
-    # Sample sizes all distinct and > 1 so that no dynamic dim is specialised to a constant.
-    b, s, p = 2, 3, 5
-    kv, hd = info["num_kv_heads"], info["head_dim"]
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, info["vocab_size"], (b, s), generator=g)
-    attention_mask = torch.ones(b, p + s, dtype=torch.int64)
-    attention_mask[1, :2] = 0  # a left-padded row, so the mask path is traced as it is used
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
-    past = [torch.randn(b, kv, p, hd, generator=g) for _ in range(2 * L)]
-    B, S, P, T = Dim("batch"), Dim("seq"), Dim("past_seq"), Dim("total_seq")
-    dynamic_shapes = {
-        "input_ids": {0: B, 1: S},
-        "attention_mask": {0: B, 1: T},
-        "position_ids": {0: B, 1: S},
-        "past": [{0: B, 2: P} for _ in range(2 * L)],
-    }
-    n_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-    external = n_bytes > EXTERNAL_DATA_BYTES
-    onnx_path = out_dir / ONNX_FILE
+    names = io_names(info["num_layers"])
+    sample_inputs, dynamic_shapes = _trace_inputs(info)
+    external = sum(t.numel() * t.element_size() for t in model.parameters()) > EXTERNAL_DATA_BYTES
     t0 = time.perf_counter()
-    import warnings
-
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                DecoderWithCache(model),
-                (input_ids, attention_mask, position_ids, past),
-                str(onnx_path),
+                _decoder_with_cache(model),
+                sample_inputs,
+                str(out_dir / ONNX_FILE),
                 dynamo=True,
                 dynamic_shapes=dynamic_shapes,
                 input_names=names["input_names"],
@@ -175,13 +137,75 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, model=None, source: 
         except Exception as e:  # noqa: BLE001 - re-raised naming the model
             raise ExportError(f"{model_dir}: torch.onnx.export(dynamo=True) failed for {type(model).__name__}: {e}") from e
     export_s = time.perf_counter() - t0
-
     copied = copy_tokenizer_files(model_dir, out_dir)
+    meta = _onnx_meta(model, info, names, external, copied, source or str(model_dir), export_s)
+    write_meta(out_dir, meta)
+    return meta
+
+
+def _decoder_with_cache(model):
+    """``model`` as (input_ids, attention_mask, position_ids, past) -> (logits, *present), tensors only:
+    the KV cache goes in and out as a flat list of key/value tensors, two per layer."""
+    import torch
+    from transformers import DynamicCache
+
+    config = model.config
+    n_layers = kv_shape_info(config)["num_layers"]
+
+    class DecoderWithCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)], config=config)
+            out = self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+            )
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return DecoderWithCache(model)
+
+
+def _trace_inputs(info: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Sample inputs for tracing and their dynamic dimensions. The sample sizes are all distinct and
+    > 1 so that no dynamic dimension is specialised to a constant; one row is left-padded so that the
+    mask path is traced as it is used."""
+    import torch
+    from torch.export import Dim
+
+    n_layers, b, s, p = info["num_layers"], 2, 3, 5
+    kv, hd = info["num_kv_heads"], info["head_dim"]
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, info["vocab_size"], (b, s), generator=g)
+    attention_mask = torch.ones(b, p + s, dtype=torch.int64)
+    attention_mask[1, :2] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
+    past = [torch.randn(b, kv, p, hd, generator=g) for _ in range(2 * n_layers)]
+    B, S, P, T = Dim("batch"), Dim("seq"), Dim("past_seq"), Dim("total_seq")
+    dynamic_shapes = {
+        "input_ids": {0: B, 1: S},
+        "attention_mask": {0: B, 1: T},
+        "position_ids": {0: B, 1: S},
+        "past": [{0: B, 2: P} for _ in range(2 * n_layers)],
+    }
+    return (input_ids, attention_mask, position_ids, past), dynamic_shapes
+
+
+def _onnx_meta(model, info: dict[str, Any], names: dict[str, Any], external: bool, copied: list, source: str, export_s: float) -> dict[str, Any]:
+    """``kdship_onnx.json``: what the runtime needs to drive the graph (I/O names, KV shapes, padding,
+    special tokens) and where it came from."""
+    import torch
+
+    config = model.config
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     if eos is None:
         eos = config.eos_token_id
-    meta = {
+    return {
         "format": "kdship-onnx",
         "format_version": 1,
         "files": {"fp32": ONNX_FILE},
@@ -189,7 +213,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, model=None, source: 
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {OPSET}",
         "model_type": getattr(config, "model_type", None),
         "architecture": type(model).__name__,
-        "source": source or str(model_dir),
+        "source": source,
         **info,
         **names,
         "dtype": "float32",
@@ -204,8 +228,6 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, model=None, source: 
         "num_parameters": int(sum(t.numel() for t in model.parameters())),
         "export_seconds": round(export_s, 2),
     }
-    write_meta(out_dir, meta)
-    return meta
 
 
 def write_meta(out_dir: Path, meta: dict[str, Any]) -> None:

@@ -67,29 +67,8 @@ def export(
     measured on the samples the trainer held out.
     """
     fmts = parse_formats(formats)
-    if quantize is not None and str(quantize).lower() in ("", "none", "no"):
-        quantize = None
-    if quantize is not None and quantize not in QUANTIZE:
-        raise ExportError(f"--quantize {quantize}: unknown; choose from {', '.join(QUANTIZE)}")
-    if quantize and "onnx" not in fmts:
-        raise ExportError("--quantize int8 quantises the ONNX export: add onnx to --format")
-    manifest = read_manifest(model_dir)
-    if heldout_fraction is None:
-        heldout_fraction = manifest.heldout_fraction if manifest else DEFAULT_HELDOUT_FRACTION
-    if store is None and verify and manifest is not None:
-        from kdship.store import store_exists
-
-        if store_exists(manifest.store):
-            store = manifest.store
-        else:
-            log.warning("the run's store %s is gone: no KL to the teacher (pass --store)", manifest.store)
-    if store is not None and not verify:
-        raise ExportError("--store is used by --verify (KL to the teacher); drop --no-verify or --store")
-    if store is not None:
-        from kdship.store import store_exists
-
-        if not store_exists(str(store)):
-            raise ExportError(f"--store {store}: no kdship store there")
+    quantize = _check_quantize(quantize, fmts)
+    store, heldout_fraction = _verify_store(model_dir, store, heldout_fraction, verify)
     src = resolve_model_dir(model_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +82,6 @@ def export(
         "files": {},
         "seconds": {},
     }
-    import torch
-
     from kdship.export.onnx import load_for_export
 
     model = load_for_export(src)
@@ -113,20 +90,10 @@ def export(
         t = time.perf_counter()
         report["files"]["hf"] = export_hf(src, out / "hf", model=model)
         report["seconds"]["hf"] = round(time.perf_counter() - t, 2)
-    onnx_dir = out / "onnx"
     if "onnx" in fmts:
         t = time.perf_counter()
-        tmp = out / "onnx.tmp"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        meta = export_onnx(src, tmp, model=model, source=str(Path(model_dir)))
-        if quantize == "int8":
-            report["int8"] = quantize_int8(tmp)
-        _replace_dir(tmp, onnx_dir)
+        _export_onnx_dir(model, src, out, quantize, str(Path(model_dir)), report)
         report["seconds"]["onnx"] = round(time.perf_counter() - t, 2)
-        report["files"]["onnx"] = {"dir": str(onnx_dir), "files": sorted(p.name for p in onnx_dir.iterdir()), "exporter": meta["exporter"]}
     if verify:
         t = time.perf_counter()
         report["verify"] = run_verify(
@@ -141,9 +108,51 @@ def export(
         print_report(report)
     if strict and verify and not report["passed"]:
         raise VerificationError(f"{out / REPORT_FILE}: the export does not reproduce {src} within the bounds; see 'verify' there")
-    del torch
     return report
 
+
+def _check_quantize(quantize: str | None, fmts: tuple[str, ...]) -> str | None:
+    if quantize is not None and str(quantize).lower() in ("", "none", "no"):
+        return None
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ExportError(f"--quantize {quantize}: unknown; choose from {', '.join(QUANTIZE)}")
+    if quantize and "onnx" not in fmts:
+        raise ExportError("--quantize int8 quantises the ONNX export: add onnx to --format")
+    return quantize
+
+
+def _verify_store(model_dir, store: str | None, heldout_fraction: float | None, verify: bool) -> tuple[str | None, float]:
+    """The store and held-out rule the KL check uses: given, else the run manifest's (when the store
+    still exists), so the KL is measured on the samples the trainer held out."""
+    from kdship.store import store_exists
+
+    manifest = read_manifest(model_dir)
+    if heldout_fraction is None:
+        heldout_fraction = manifest.heldout_fraction if manifest else DEFAULT_HELDOUT_FRACTION
+    if store is None and verify and manifest is not None:
+        if store_exists(manifest.store):
+            store = manifest.store
+        else:
+            log.warning("the run's store %s is gone: no KL to the teacher (pass --store)", manifest.store)
+    if store is not None and not verify:
+        raise ExportError("--store is used by --verify (KL to the teacher); drop --no-verify or --store")
+    if store is not None and not store_exists(str(store)):
+        raise ExportError(f"--store {store}: no kdship store there")
+    return store, heldout_fraction
+
+
+def _export_onnx_dir(model, src: Path, out: Path, quantize: str | None, source: str, report: dict[str, Any]) -> None:
+    """ONNX (and its int8 copy) written into ``out/onnx.tmp`` and moved to ``out/onnx`` when complete."""
+    import shutil
+
+    tmp, onnx_dir = out / "onnx.tmp", out / "onnx"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    meta = export_onnx(src, tmp, model=model, source=source)
+    if quantize == "int8":
+        report["int8"] = quantize_int8(tmp)
+    _replace_dir(tmp, onnx_dir)
+    report["files"]["onnx"] = {"dir": str(onnx_dir), "files": sorted(p.name for p in onnx_dir.iterdir()), "exporter": meta["exporter"]}
 
 def _json_default(o):
     import numpy as np

@@ -6,22 +6,10 @@ from typing import List, Optional
 
 import typer
 
-DEFAULTS = {
-    "url": [],
-    "target": [],
-    "model": [],
-    "backend": [],
-    "concurrency": "1,4,16,64",
-    "requests": 64,
-    "prompt_tokens": 32,
-    "output_tokens": 32,
-    "max_seconds": 120.0,
-    "warmup": 2,
-    "seed": 0,
-    "ignore_eos": True,
-    "api_key": None,
-    "out": "profile_report",
-}
+from kdship.config import signature_defaults, with_default
+from kdship.profile.run import profile
+
+DEFAULTS = {"url": [], "target": [], "model": [], "backend": [], **signature_defaults(profile, exclude=("show_progress",))}
 
 
 def _targets(cfg: dict) -> list[dict]:
@@ -53,21 +41,21 @@ def profile_command(
     target: Optional[List[str]] = typer.Option(None, "--target", help="NAME=URL: a named endpoint. Repeatable (e.g. teacher=... student=...)."),
     model: Optional[List[str]] = typer.Option(None, "--model", help="A `kdship export` folder to serve for the run. Repeatable."),
     backend: Optional[List[str]] = typer.Option(None, "--backend", help="onnx or vllm for --model (one for all, or one per --model)."),
-    concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Comma-separated concurrency levels. Default 1,4,16,64."),
-    requests: Optional[int] = typer.Option(None, "--requests", help="Requests per level (at least the concurrency). Default 64."),
-    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Words per synthetic prompt (about that many tokens). Default 32."),
-    output_tokens: Optional[int] = typer.Option(None, "--output-tokens", help="max_tokens per request. Default 32."),
-    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Time cap per level; no new request after it. Default 120."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Unmeasured requests per target first. Default 2."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the synthetic prompts."),
-    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="Send ignore_eos so every answer has output-tokens tokens (default on)."),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency", help=with_default("Comma-separated concurrency levels.", DEFAULTS, "concurrency")),
+    requests: Optional[int] = typer.Option(None, "--requests", help=with_default("Requests per level (at least the concurrency).", DEFAULTS, "requests")),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help=with_default("Words per synthetic prompt (about that many tokens).", DEFAULTS, "prompt_tokens")),
+    output_tokens: Optional[int] = typer.Option(None, "--output-tokens", help=with_default("max_tokens per request.", DEFAULTS, "output_tokens")),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help=with_default("Time cap per level in seconds; no new request after it.", DEFAULTS, "max_seconds")),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help=with_default("Unmeasured requests per target first.", DEFAULTS, "warmup")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=with_default("Seed of the synthetic prompts.", DEFAULTS, "seed")),
+    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help=with_default("Send ignore_eos so every answer has output-tokens tokens.", DEFAULTS, "ignore_eos")),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer key for the endpoints (and for servers started with --model)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Report folder: report.json, report.md, latency.png, throughput.png."),
+    out: Optional[str] = typer.Option(None, "--out", help=with_default("Report folder: report.json, report.md, latency.png, throughput.png.", DEFAULTS, "out")),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file with these options (flags override it)."),
 ) -> None:
     """Measure TTFT, inter-token and end-to-end latency and throughput of endpoints across concurrency levels."""
     from kdship.config import ConfigError, resolve
-    from kdship.profile.run import ProfileError, profile
+    from kdship.profile.run import ProfileError
 
     flags = dict(
         url=url or None, target=target or None, model=model or None, backend=backend or None, concurrency=concurrency, requests=requests,
