@@ -70,18 +70,35 @@ def teacher_heldout(teacher, ids_list) -> list:
     return out
 
 
-def heldout_kl(t_lps, student, ids_list) -> float:
-    """Exact KL(teacher || student) nat/position over the full vocabulary (student padding normalised over)."""
+def heldout_kl(t_lps, student, ids_list) -> tuple[float, dict]:
+    """Exact KL(teacher || student) nat/position over the full vocabulary (student padding normalised over),
+    and where it lives: by the chain rule, KL = KL between the masses the two models give three groups of
+    the teacher's ranks (head 1-4, mid 5-1024, far > 1024: beyond what vLLM can draw) + for each group its
+    teacher mass x KL of the two models' shapes within it. A store that lumps a group into a bucket cannot
+    teach that group's shape."""
     import torch
 
     tot, n = 0.0, 0
+    parts = {"groups": 0.0, "head": 0.0, "mid": 0.0, "far": 0.0}
     with torch.no_grad():
         for tl, ids in zip(t_lps, ids_list):
             tl = tl.double()
             sl = torch.log_softmax(student(torch.tensor([ids])).logits[0, :-1].double(), -1)[:, : tl.shape[-1]]
+            sl = sl - torch.logsumexp(sl, -1, keepdim=True)
             tot += (tl.exp() * (tl - sl)).sum().item()
             n += tl.shape[0]
-    return tot / n
+            order = tl.argsort(-1, descending=True)
+            ts, ss = tl.gather(-1, order), sl.gather(-1, order)
+            pg, qg = [], []
+            for name, (a, b) in {"head": (0, 4), "mid": (4, 1024), "far": (1024, ts.shape[-1])}.items():
+                lp_t, lp_s = torch.logsumexp(ts[:, a:b], -1), torch.logsumexp(ss[:, a:b], -1)
+                within = ((ts[:, a:b] - lp_t[:, None]).exp() * ((ts[:, a:b] - lp_t[:, None]) - (ss[:, a:b] - lp_s[:, None]))).sum(-1)
+                parts[name] += (lp_t.exp() * within).sum().item()
+                pg.append(lp_t)
+                qg.append(lp_s)
+            pg, qg = torch.stack(pg, -1), torch.stack(qg, -1)
+            parts["groups"] += (pg.exp() * (pg - qg)).sum().item()
+    return tot / n, {k: v / n for k, v in parts.items()}
 
 
 def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int | None = None, backend: str = "vllm", draws: int | None = None) -> dict:
@@ -245,9 +262,14 @@ def main() -> None:
     # the default store and its reference on every seed first, DistillKit's scheme last (one seed decides
     # it when the gap is wide; the script continues where a session stopped)
     variants = [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[:2]] + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[2:]]
+    # probes (only when named in --variants): where the default's gap to full-logit KD comes from
+    stores["ht_hf"] = dict(top_k=head, targets="headtail", draws=draws, backend="hf")
+    stores[f"headtail_h{head}_n16_c{cands}"] = dict(top_k=head, targets="headtail", draws=16)
+    probes = [("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
+              (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", f"headtail_h{head}_n16_c{cands}", "bucket")]
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
-        variants = [v for v in variants if any(v[0].startswith(w) for w in want)]
+        variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]
     settings = dict(v=3, n=a.train_passages, h=a.heldout_passages, e=a.epochs, b=a.batch_tokens, lr=a.lr, keep=a.keep_layers, ht=ht)
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     done_file = WORK / f"fidelity_{tag}.json"
@@ -272,7 +294,7 @@ def main() -> None:
     mass = {k: round(top[:, k - 1].mean().item(), 4) for k in (head, 50, 1024)}
     del allp, top
     s0 = AutoModelForCausalLM.from_pretrained(student0, dtype=torch.float32).eval()
-    kl0 = heldout_kl(t_lps, s0, held_ids)
+    kl0, _ = heldout_kl(t_lps, s0, held_ids)
     del s0
     held_positions = sum(len(i) - 1 for i in held_ids)
     wall_before = state.get("context", {}).get("wall_s", 0.0)  # an interrupted earlier session's time
@@ -308,10 +330,10 @@ def main() -> None:
         s = train(str(spath), student=str(student0), out=str(run), **opts)
         train_s = time.time() - t0
         model = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32).eval()
-        kl = heldout_kl(t_lps, model, held_ids)
+        kl, kl_parts = heldout_kl(t_lps, model, held_ids)
         del model
         online = how == "online"
-        row = {"name": name, "seed": seed, "kl": kl, "bytes": None if online else st["bytes"], "steps": s["steps"], "tokens": s["tokens"],
+        row = {"name": name, "seed": seed, "kl": kl, "kl_parts": kl_parts, "bytes": None if online else st["bytes"], "steps": s["steps"], "tokens": s["tokens"],
                "train_s": round(train_s, 1), "tokens_per_s": round(s["tokens"] / s["seconds"], 1), "store": spath.name}
         state["rows"].append(row)
         done[(name, seed)] = row
@@ -337,7 +359,7 @@ def _machine() -> str:
 def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, mass) -> None:
     by = {(r["name"], r["seed"]): r for r in state["rows"]}
     ref_name = names[0]
-    ht_store = next((v for k, v in state["stores"].items() if "headtail" in k), None)
+    ht_store = state["stores"].get(f"store{a.train_passages}_{state['settings']['ht']}")
     dk_store = next((v for k, v in state["stores"].items() if k.endswith("_distillkit")), None)
     ctx = state["context"]
     lines = [
@@ -392,6 +414,19 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
     if dk_store:
         lines.append(f"DistillKit scheme: {dk_store['bytes']} bytes/position ({dk_store['bytes_note']}); decoded top-50 mass error per row up to {dk_store['max_row_mass_error']}.")
     lines += ["", verdict(means, names, state)]
+    with_parts = [r for r in state["rows"] if r.get("kl_parts")]
+    if with_parts:
+        lines += ["", "Where each student's held-out KL lives (chain rule over the teacher's ranks: KL between the masses of the groups head 1-4, "
+                  "mid 5-1024, far > 1024, plus each group's teacher mass x KL of the shapes within it; the four add up to the KL):", "",
+                  "| targets | seed | KL | group masses | head shape | mid shape | far shape |", "|---|---|---|---|---|---|---|"]
+        for r in with_parts:
+            kp = r["kl_parts"]
+            lines.append(f"| {r['name']} | {r['seed']} | {r['kl']:.4f} | {kp['groups']:.4f} | {kp['head']:.4f} | {kp['mid']:.4f} | {kp['far']:.4f} |")
+    probe_rows = [r for r in state["rows"] if r["name"] not in names]
+    if probe_rows:
+        lines += ["", "Probes (run on request, `--variants probe`): " + "; ".join(
+            f"{r['name']}, seed {r['seed']}: KL {r['kl']:.4f}" + (f" (÷ full-logit {r['kl'] / by[(ref_name, r['seed'])]['kl']:.4f})" if (ref_name, r["seed"]) in by else "")
+            + (f", {r['bytes']:.1f} B/position" if r.get("bytes") else "") for r in probe_rows) + "."]
     per_seed = [f"{n}: seed {sd} {by[(n, sd)]['kl'] / by[(ref_name, sd)]['kl']:.4f}" for n in names[1:] for sd in seeds if (n, sd) in by and (ref_name, sd) in by]
     if per_seed and not all(means.get(n) for n in names):
         lines.append("÷ full-logit on the seeds measured so far (one seed is not the goal's measure): " + "; ".join(per_seed) + ".")
@@ -411,7 +446,7 @@ def verdict(means: dict, names: list[str], state: dict) -> str:
     ref, ours, dk = (means.get(n) for n in names)
     if not ref or not ours:
         return "Goals: not yet measured on both seeds."
-    ht_b = next((v["bytes"] for k, v in state["stores"].items() if "headtail" in k), None)
+    ht_b = (state["stores"].get(f"store{state['settings']['n']}_{state['settings']['ht']}") or {}).get("bytes")
     r = ours / ref
     out = f"Goal (default store ÷ full-logit <= 1.01 at <= 48 bytes/position): {r:.4f} at {ht_b} B, {'met' if r <= 1.01 and ht_b <= 48 else 'not met'}."
     if dk:
