@@ -235,7 +235,7 @@ def main() -> None:
 
     from kdship.cache.run import DEFAULTS as CACHE_DEFAULTS, TOP_K_DEFAULT
     from kdship.demo.assets import smollm2_dir
-    from kdship.demo.prune import depth_prune
+    from kdship.student.run import student as prune_student
     from kdship.tiny import write_jsonl
     from kdship.train.trainer import train
 
@@ -249,7 +249,7 @@ def main() -> None:
     shard_size = 64
     student0 = WORK / f"student0_n{a.train_passages}_keep{a.keep_layers}"
     if not (student0 / "config.json").is_file():
-        info = depth_prune(teacher, student0, a.keep_layers, train_texts, calibration_tokens=1024)
+        info = prune_student(teacher, student0, layers=a.keep_layers, calibration=train_texts, calibration_tokens=1024, overwrite=True, progress=False)
         print("pruned:", {k: info[k] for k in ("kept_layers", "strategy", "student_params")}, flush=True)
     prune_info = json.loads((student0 / "kdship_prune.json").read_text())
 

@@ -12,7 +12,7 @@ from kdship import __version__
 
 app = typer.Typer(
     name="kdship",
-    help="Offline knowledge distillation for LLMs: cache -> train -> export -> serve/profile -> eval.",
+    help="Offline knowledge distillation for LLMs: cache -> student -> train -> export -> serve/profile -> eval.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,6 +34,7 @@ def _root(
 
 def _register() -> None:
     from kdship.cache.cli import cache_command, inspect_command
+    from kdship.student.cli import student_command
     from kdship.train.cli import train_command
     from kdship.export.cli import export_command
     from kdship.serve.cli import serve_command
@@ -43,6 +44,7 @@ def _register() -> None:
 
     app.command("cache")(cache_command)
     app.command("inspect")(inspect_command)
+    app.command("student")(student_command)
     app.command("train")(train_command)
     app.command("export")(export_command)
     app.command("serve")(serve_command)

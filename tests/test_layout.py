@@ -1,6 +1,6 @@
 """The package's shape: verbs import the shared layer below them, never each other.
 
-kdship/<verb>/ packages (cache, train, export, serve, profile, eval) may import kdship's shared modules
+kdship/<verb>/ packages (cache, student, train, export, serve, profile, eval) may import kdship's shared modules
 (store, data, render, fingerprint, heldout, run_manifest, answers, runtime/, ...) and their own
 package; the demo is the one orchestrator above them all. The shared layer imports no verb.
 """
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 KDSHIP = Path(__file__).resolve().parents[1] / "kdship"
-VERBS = ("cache", "train", "export", "serve", "profile", "eval")
+VERBS = ("cache", "student", "train", "export", "serve", "profile", "eval")
 ABOVE = ("demo",)  # the orchestrator: calls the verbs' public functions
 
 

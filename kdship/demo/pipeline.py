@@ -231,7 +231,7 @@ class Demo:
         self.need("assets")
         from transformers import AutoTokenizer
 
-        from kdship.demo.prune import depth_prune
+        from kdship.student.run import student as prune_student
 
         a = self.results["assets"]
         tok = AutoTokenizer.from_pretrained(a["teacher"])
@@ -245,7 +245,7 @@ class Demo:
                     texts.append(r.get("text") or (r.get("prompt", "") + r.get("response", "")))
         out = self.out / "students" / "init"
         shutil.rmtree(out, ignore_errors=True)
-        info = depth_prune(a["teacher"], out, self.sizes.keep_layers, texts, calibration_tokens=self.sizes.calibration_tokens)
+        info = prune_student(a["teacher"], out, layers=self.sizes.keep_layers, calibration=texts, calibration_tokens=self.sizes.calibration_tokens, progress=self.progress)
         info["dir"] = str(out)
         return info
 

@@ -171,7 +171,8 @@ def compare_vllm(llm, prompts: list[list[int]], refs: list[dict[str, np.ndarray]
     from vllm import SamplingParams, TokensPrompt
 
     new_tokens = len(refs[0]["tokens"])
-    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=1, detokenize=False)
+    # ignore_eos alone: min_tokens would also ban EOS from the argmax, unlike the PyTorch reference
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=1, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     identical = 0
     lp_diff = 0.0

@@ -1,0 +1,1 @@
+"""kdship student (see kdship/student/cli.py for the command line)."""
