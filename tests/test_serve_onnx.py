@@ -57,7 +57,9 @@ def test_binds_loopback_health_models_metrics(server, client):
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["student"]
     assert models["data"][0]["max_model_len"] == 256
-    assert models["data"][0]["root"].endswith("model.onnx")
+    card = models["data"][0]
+    assert card["model_file"] == "model.onnx"  # which file, never where it lives
+    assert not any("/" in str(v) for v in card.values()), card
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     for name in ("kdship_requests_total", "kdship_queue_depth", "kdship_decode_batch_size_bucket", "kdship_time_to_first_token_seconds_bucket"):
@@ -199,7 +201,7 @@ def test_int8_server_queue_full_429_then_sigterm_drains(export_dir):
 
     h = launch(export_dir, backend="onnx", max_batch=1, max_queue=4, int8=True)
     try:
-        assert httpx.get(h.url + "/v1/models").json()["data"][0]["root"].endswith("model.int8.onnx")
+        assert httpx.get(h.url + "/v1/models").json()["data"][0]["model_file"] == "model.int8.onnx"
         body = {"prompt": "the old river", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
         with cf.ThreadPoolExecutor(12) as pool:
             rs = list(pool.map(lambda _: httpx.post(h.url + "/v1/completions", json=body, timeout=300), range(12)))
