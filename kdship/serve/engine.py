@@ -272,6 +272,7 @@ class ContinuousBatchingEngine:
                         r.finish_reason = "error"
                         r.emit(Event("error", message=f"engine step failed: {type(e).__name__}: {e}"))
                 self._running, self._past, self._mask = [], None, None
+                self.stats.queue(len(self._waiting), 0)
         for r in list(self._running) + list(self._waiting):
             r.emit(Event("error", message="server stopped"))
 
@@ -400,6 +401,7 @@ class ContinuousBatchingEngine:
                 self._mark_cancelled(r)
         if len(keep) == len(self._running):
             return
+        self.stats.queue(len(self._waiting), len(keep))  # the gauges return to idle with the batch
         if not keep:
             self._running, self._past, self._mask = [], None, None
             return
