@@ -305,17 +305,16 @@ def test_huge_prompt_does_not_stall_another_clients_stream(server, client, ort_m
             assert time.monotonic() < deadline, "the stream never got going"
             time.sleep(0.01)
         start = time.perf_counter()
-        for _ in range(2):
-            r = client.post("/v1/completions", json={"prompt": huge, "max_tokens": 1})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # tokenised, then too long
+        r = client.post("/v1/completions", json={"prompt": huge, "max_tokens": 1})
         end = time.perf_counter()
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # tokenised, then too long
     finally:
         stop.set()
         streamer.join(120)
     gaps = [(a, b) for a, b in zip(arrivals, arrivals[1:]) if a > 0 and b > 0]
     during = [b - a for a, b in gaps if b > start and a < end]
     before = [b - a for a, b in gaps if b <= start]
-    assert len(during) >= 10, "the stream did not run while the huge prompts were handled"
+    assert len(during) >= 10, "the stream did not run while the huge prompt was handled"
     # Generous against a loaded machine, yet half of what one tokenisation on the loop would stall.
     bound = max(0.5 * tokenize_s, 20 * statistics.median(before))
     assert max(during) < bound, f"longest gap {max(during):.3f} s while tokenising (tokenise {tokenize_s:.3f} s, median gap {statistics.median(before):.4f} s)"
