@@ -33,3 +33,21 @@ def sse_events(client: httpx.Client, path: str, body: dict) -> list:
                 data = line[6:]
                 events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def raw_http(url: str, head: bytes, body_parts: tuple[bytes, ...] = (), timeout: float = 30.0) -> tuple[int, bytes]:
+    """Send a hand-written HTTP/1.1 request over a plain socket (to control exactly which body bytes
+    go out, and when) and read the response until the server closes: (status, body)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+        s.sendall(head)
+        for part in body_parts:
+            s.sendall(part)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head_out, _, body = data.partition(b"\r\n\r\n")
+    return int(head_out.split(b" ", 2)[1]), body

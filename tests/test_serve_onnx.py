@@ -7,15 +7,17 @@ batching or KV-cache merge bug shows up as different tokens.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import re
 import signal
+import statistics
 import threading
 import time
 
 import httpx
 import pytest
 
-from serve_helpers import API_KEY, exported_student_dir, sse_events
+from serve_helpers import API_KEY, exported_student_dir, raw_http, sse_events
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,9 @@ def test_binds_loopback_health_models_metrics(server, client):
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["student"]
     assert models["data"][0]["max_model_len"] == 256
-    assert models["data"][0]["root"].endswith("model.onnx")
+    card = models["data"][0]
+    assert card["model_file"] == "model.onnx"  # which file, never where it lives
+    assert not any("/" in str(v) for v in card.values()), card
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     for name in ("kdship_requests_total", "kdship_queue_depth", "kdship_decode_batch_size_bucket", "kdship_time_to_first_token_seconds_bucket"):
@@ -199,7 +203,7 @@ def test_int8_server_queue_full_429_then_sigterm_drains(export_dir):
 
     h = launch(export_dir, backend="onnx", max_batch=1, max_queue=4, int8=True)
     try:
-        assert httpx.get(h.url + "/v1/models").json()["data"][0]["root"].endswith("model.int8.onnx")
+        assert httpx.get(h.url + "/v1/models").json()["data"][0]["model_file"] == "model.int8.onnx"
         body = {"prompt": "the old river", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
         with cf.ThreadPoolExecutor(12) as pool:
             rs = list(pool.map(lambda _: httpx.post(h.url + "/v1/completions", json=body, timeout=300), range(12)))
@@ -260,3 +264,106 @@ def sse_events_after(c: httpx.Client, url: str, started: threading.Event):
             finish = ch["finish_reason"] or finish
             started.set()
     return text, finish
+
+
+def test_body_over_the_limit_refused_before_it_is_sent(server, client):
+    # Content-Length says 10 MiB and no body byte is ever sent: the answer must come from the header alone.
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {10 << 20}\r\n\r\n"
+    ).encode()
+    status, body = raw_http(server.url, head, timeout=30)
+    assert status == 413
+    err = json.loads(body)["error"]
+    assert err["code"] == 413 and "1048576 bytes" in err["message"] and err["type"] == "invalid_request_error"
+    assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_huge_prompt_does_not_stall_another_clients_stream(server, client, ort_model):
+    """Tokenising a ~1 MB prompt takes about a second; another client's stream must keep flowing meanwhile
+    (with tokenisation on the event loop, or under a lock the scheduler takes, its stream pauses that long)."""
+    huge = "the old dog runs over the hill " * 32000  # ~1 MB: under the 1 MiB body limit, over the context
+    t0 = time.perf_counter()
+    ort_model.tokenizer(huge)
+    tokenize_s = time.perf_counter() - t0
+    arrivals: list[float] = []  # chunk arrival times; -1 separates one stream from the next
+    stop = threading.Event()
+
+    def stream_until_stopped():
+        body = {"prompt": "a long story", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as c:
+            while not stop.is_set():
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    arrivals.extend(time.perf_counter() for line in r.iter_lines() if line.startswith("data: {"))
+                arrivals.append(-1.0)
+
+    streamer = threading.Thread(target=stream_until_stopped)
+    streamer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(arrivals) < 30:
+            assert time.monotonic() < deadline, "the stream never got going"
+            time.sleep(0.01)
+        start = time.perf_counter()
+        r = client.post("/v1/completions", json={"prompt": huge, "max_tokens": 1})
+        end = time.perf_counter()
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # tokenised, then too long
+    finally:
+        stop.set()
+        streamer.join(120)
+    gaps = [(a, b) for a, b in zip(arrivals, arrivals[1:]) if a > 0 and b > 0]
+    during = [b - a for a, b in gaps if b > start and a < end]
+    before = [b - a for a, b in gaps if b <= start]
+    assert len(during) >= 10, "the stream did not run while the huge prompt was handled"
+    # Generous against a loaded machine, yet half of what one tokenisation on the loop would stall.
+    bound = max(0.5 * tokenize_s, 20 * statistics.median(before))
+    assert max(during) < bound, f"longest gap {max(during):.3f} s while tokenising (tokenise {tokenize_s:.3f} s, median gap {statistics.median(before):.4f} s)"
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(server, client, ort_model):
+    before = httpx.get(server.url + "/metrics").text
+    body = {"prompt": "the old river", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: {")
+                if got == 3:
+                    break  # leaving both blocks closes the connection mid-stream
+    cancelled = 'kdship_finished_requests_total{finish_reason="cancelled"}'
+    deadline = time.monotonic() + 30
+    while True:
+        after = httpx.get(server.url + "/metrics").text
+        health = httpx.get(server.url + "/health").json()
+        if _metric(after, cancelled) > _metric(before, cancelled) and health["running"] == 0:
+            break
+        assert time.monotonic() < deadline, f"the slot was not freed: {health}"
+        time.sleep(0.02)
+    assert _metric(after, "kdship_running_sequences") == 0
+    generated = _metric(after, "kdship_generation_tokens_total") - _metric(before, "kdship_generation_tokens_total")
+    assert 3 <= generated < 240  # stopped early, not run to max_tokens
+    expected, _ = _greedy_text(ort_model, "the old river", 6)
+    r = client.post("/v1/completions", json={"prompt": "the old river", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+
+
+def test_streamed_pieces_join_to_the_full_text_with_multibyte_characters(client, ort_model):
+    # The random student emits byte-level tokens that split UTF-8 characters; pick a prompt whose greedy
+    # answer has non-ASCII text, so a piece cut inside a character would show.
+    for prompt in ("Two red birds", "The quick dog", "Some good old trees", "a long story", "the cat", "Where is the fish"):
+        expected, ids = _greedy_text(ort_model, prompt, 48)
+        if any(not c.isascii() for c in expected):
+            break
+    else:
+        pytest.skip("no prompt gave non-ASCII output")
+    ev = sse_events(client, "/v1/completions", {"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True})
+    pieces = [e["choices"][0]["text"] for e in ev[:-1]]
+    assert "".join(pieces) == expected
+    full = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True}).json()
+    assert full["choices"][0]["text"] == expected
+    # A piece ends inside a character only where the whole text has an invalid byte there too.
+    pos = 0
+    for p in pieces[:-1]:
+        pos += len(p)
+        if p.endswith("\ufffd"):
+            assert expected[pos - 1] == "\ufffd"

@@ -121,6 +121,8 @@ def launch(
     served_model_name: str | None = None,
     threads: int | None = None,
     spin: bool = True,
+    max_body_bytes: int | None = None,
+    insecure_no_auth: bool = False,
     startup_timeout: float = 300.0,
     log_path: str | Path | None = None,
 ) -> ServerHandle:
@@ -147,6 +149,10 @@ def launch(
         cmd += ["--threads", str(threads)]
     if not spin:
         cmd += ["--no-spin"]
+    if max_body_bytes is not None:
+        cmd += ["--max-body-bytes", str(max_body_bytes)]
+    if insecure_no_auth:
+        cmd += ["--insecure-no-auth"]
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
     if api_key:
@@ -160,7 +166,8 @@ def launch(
     logf = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     logf.close()
-    url_host = f"[{host}]" if ":" in host else host
+    # A wildcard address is not one to connect to: probe it on loopback.
+    url_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
     handle = ServerHandle(proc, f"http://{url_host}:{port}", name, api_key, log_path, backend, temp_log=temp_log)
     deadline = time.monotonic() + startup_timeout
     while True:

@@ -5,19 +5,26 @@ server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prom
 ``/v1/*`` needs ``Authorization: Bearer KEY`` when the server has an API key; ``/health`` and
 ``/metrics`` stay open for probes and scrapers. Errors are JSON ``{"error": {"message", "type",
 "param", "code"}}``: 400 bad parameters / prompt too long, 401 bad key, 404 unknown model,
-429 queue full, 503 shutting down.
+413 body over ``max_body_bytes``, 429 queue full, 500 internal (a generic message with a request id;
+the detail goes to the server log), 503 shutting down.
+
+Prompts are tokenised (and chat templates rendered) on a worker thread with a tokenizer of its own,
+never on the event loop and never under a lock the scheduler takes: a 1 MB prompt costs about a
+second of tokenisation, which must not pause other clients' streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
-import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdship.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, ContinuousBatchingEngine, EngineStopped, Event, GenerationRequest, QueueFull, SamplingParams
+from kdship.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard, error_response
 from kdship.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kdship.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -36,10 +44,6 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type_
-
-
-def _error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}}, status_code=status)
 
 
 class EventPump:
@@ -71,17 +75,21 @@ class EventPump:
 
 
 class ServerState:
-    """What the endpoints share: the engine, the tokenizer (behind a lock), limits and metrics."""
+    """What the endpoints share: the engine, the prompt tokenizer and its thread, limits and metrics."""
 
-    def __init__(self, model: Any, model_name: str, max_model_len: int, api_key: str | None, engine: ContinuousBatchingEngine, metrics: ServerMetrics):
-        self.model = model
-        self.tokenizer = model.tokenizer
+    def __init__(self, model: Any, model_name: str, max_model_len: int, api_key: str | None, max_body_bytes: int, engine: ContinuousBatchingEngine, metrics: ServerMetrics):
+        # A copy: the engine's tokenizer belongs to the scheduler thread (detokenising), this one to
+        # the single tokenising thread, so neither ever waits for the other.
+        self.tokenizer = copy.deepcopy(model.tokenizer)
+        self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="kdship-tokenize")
+        self.vocab_size = len(self.tokenizer)
         self.model_name = model_name
+        self.model_file = Path(str(getattr(model, "model_path", ""))).name  # the file name, never its path
         self.max_model_len = max_model_len
         self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
         self.engine = engine
         self.metrics = metrics
-        self.tokenizer_lock = engine.tokenizer_lock
         self.created = int(time.time())
         self.draining = False
         self._pump: EventPump | None = None
@@ -91,6 +99,9 @@ class ServerState:
             self._pump = EventPump(loop)
         return self._pump
 
+    async def on_tokenize_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+
 
 def build_app(
     model: Any,
@@ -99,26 +110,40 @@ def build_app(
     api_key: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The app; the engine thread starts with the app's lifespan and drains when it ends (SIGTERM)."""
     metrics = ServerMetrics()
-    engine = ContinuousBatchingEngine(model, max_batch=max_batch, max_queue=max_queue, stats=metrics, tokenizer_lock=threading.Lock())
-    state = ServerState(model, model_name, max_model_len, api_key, engine, metrics)
+    engine = ContinuousBatchingEngine(model, max_batch=max_batch, max_queue=max_queue, stats=metrics)
+    state = ServerState(model, model_name, max_model_len, api_key, max_body_bytes, engine, metrics)
+    app = FastAPI(title="kdship ONNX server", lifespan=_lifespan(state), docs_url=None, redoc_url=None)
+    app.state.kd = state
+    _add_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes, count=lambda endpoint, status: metrics.requests.labels(endpoint, str(status)).inc())
+    _add_probe_routes(app, state)
+    _add_generation_routes(app, state)
+    return app
 
+
+def _lifespan(state: ServerState):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        engine = state.engine
         engine.start()
-        log.info("kdship onnx server ready: model %s, max_batch %d, max_queue %d", model_name, max_batch, max_queue)
+        log.info("kdship onnx server ready: model %s, max_batch %d, max_queue %d", state.model_name, engine.max_batch, engine.max_queue)
         yield
         # uvicorn has already stopped accepting and waited for in-flight requests; drain the rest.
         state.draining = True
         await asyncio.get_running_loop().run_in_executor(None, engine.shutdown, True, 60.0)
+        state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         log.info("kdship onnx server stopped after %d decode steps", engine.steps)
 
-    app = FastAPI(title="kdship ONNX server", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.kd = state
+    return lifespan
 
-    # ----------------------------------------------------------------- errors
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Expected errors as OpenAI-style JSON; anything else reaches :class:`RequestGuard` (generic 500)."""
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
@@ -132,36 +157,20 @@ def build_app(
         else:
             text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
             msg = f"{param}: {text}" if param else text
-        return _error(400, msg, param)
+        return error_response(400, msg, param)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _error(exc.status, exc.message, exc.param, exc.type)
+        return error_response(exc.status, exc.message, exc.param, exc.type)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), None, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+        return error_response(exc.status_code, str(exc.detail), None, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}", None, "server_error")
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if state.api_key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token.encode(), state.api_key.encode()):
-                metrics.requests.labels(path if path in _KNOWN else "other", "401").inc()
-                return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None, "authentication_error")
-        response = await call_next(request)
-        if path != "/metrics":
-            metrics.requests.labels(path if path in _KNOWN else "other", str(response.status_code)).inc()
-        return response
+def _add_probe_routes(app: FastAPI, state: ServerState) -> None:
+    engine = state.engine
 
-    # ----------------------------------------------------------------- plain endpoints
     @app.get("/health")
     async def health():
         if state.draining or not engine.alive:
@@ -170,33 +179,44 @@ def build_app(
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_name, "object": "model", "created": state.created, "owned_by": "kdship",
-                    "root": str(getattr(model, "model_path", "")), "max_model_len": max_model_len,
-                }
-            ],  # fmt: skip
-        }
+        card = {
+            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "kdship",
+            "root": state.model_name, "model_file": state.model_file, "max_model_len": state.max_model_len,
+        }  # fmt: skip
+        return {"object": "list", "data": [card]}
 
-    # ----------------------------------------------------------------- generation
+
+# ----------------------------------------------------------------- prompts (on the tokenising thread)
+def _completion_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt).input_ids
+
+
+def _chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except TemplateError as e:  # the template's own raise_exception(...): e.g. roles that must alternate
+        raise APIError(400, f"messages: the model's chat template refuses them: {e}", "messages")
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
         if isinstance(body.prompt, str):
-            with state.tokenizer_lock:
-                prompt_ids = state.tokenizer(body.prompt).input_ids
+            prompt_ids = await state.on_tokenize_thread(_completion_prompt_ids, state.tokenizer, body.prompt)
         else:
             prompt_ids = list(body.prompt)
-            bad = [t for t in prompt_ids if not (0 <= t < len(state.tokenizer))]
+            bad = [t for t in prompt_ids if not (0 <= t < state.vocab_size)]
             if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} outside the vocabulary [0, {len(state.tokenizer)})", "prompt")
-        return await _generate(state, request, body, prompt_ids, chat=False)
+                raise APIError(400, f"prompt: token id {bad[0]} outside the vocabulary [0, {state.vocab_size})", "prompt")
+        return await _generate(state, body, prompt_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -204,15 +224,8 @@ def build_app(
         if not getattr(state.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-        with state.tokenizer_lock:
-            text = state.tokenizer.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt, tokenize=False)
-            prompt_ids = state.tokenizer(text, add_special_tokens=False).input_ids
-        return await _generate(state, request, body, prompt_ids, chat=True)
-
-    return app
-
-
-_KNOWN = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+        prompt_ids = await state.on_tokenize_thread(_chat_prompt_ids, state.tokenizer, msgs, body.add_generation_prompt)
+        return await _generate(state, body, prompt_ids, chat=True)
 
 
 def _check_model(state: ServerState, name: str | None) -> None:
@@ -220,8 +233,9 @@ def _check_model(state: ServerState, name: str | None) -> None:
         raise APIError(404, f"model '{name}' does not exist; this server serves '{state.model_name}'", "model", "not_found_error")
 
 
-async def _generate(state: ServerState, request: Request, body, prompt_ids: list[int], chat: bool):
-    n_prompt = len(prompt_ids)
+# ----------------------------------------------------------------- generation
+def _sampling_params(state: ServerState, body, n_prompt: int, chat: bool) -> SamplingParams:
+    """The request's sampling parameters, or a 400 when prompt + max_tokens do not fit the context."""
     room = state.max_model_len - n_prompt
     if room < 1:
         field = "messages" if chat else "prompt"
@@ -233,7 +247,10 @@ async def _generate(state: ServerState, request: Request, body, prompt_ids: list
             f"max_tokens: prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of {state.max_model_len} tokens",
             "max_tokens",
         )
-    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=list(body.stop or []), ignore_eos=body.ignore_eos)
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=list(body.stop or []), ignore_eos=body.ignore_eos)
+
+
+def _submit(state: ServerState, prompt_ids: list[int], params: SamplingParams) -> tuple[GenerationRequest, asyncio.Queue]:
     events: asyncio.Queue[Event] = asyncio.Queue()
     pump = state.pump_for(asyncio.get_running_loop())
     req = GenerationRequest(prompt_ids, params, lambda ev: pump.push(events, ev))
@@ -243,90 +260,119 @@ async def _generate(state: ServerState, request: Request, body, prompt_ids: list
         raise APIError(429, str(e), None, "rate_limit_error")
     except EngineStopped as e:
         raise APIError(503, str(e), None, "server_error")
+    return req, events
 
-    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    model = state.model_name
-    t0 = time.perf_counter()
 
-    def usage(completion_tokens: int) -> dict:
-        return {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens, "total_tokens": n_prompt + completion_tokens}
+class _Reply:
+    """The response objects of one generation request (OpenAI's completion / chat.completion shapes)."""
 
-    if not body.stream:
-        parts: list[str] = []
-        try:
-            while True:
-                ev = await events.get()
-                if ev.kind == "error":
-                    raise APIError(500, ev.message or "generation failed", None, "server_error")
-                parts.append(ev.text)
-                if ev.kind == "done":
-                    break
-        except asyncio.CancelledError:
-            req.cancel()
-            raise
-        state.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        text = "".join(parts)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": ev.finish_reason, "logprobs": None}
-            obj = "chat.completion"
+    def __init__(self, state: ServerState, body, n_prompt: int, chat: bool):
+        self.chat, self.n_prompt, self.model = chat, n_prompt, state.model_name
+        self.endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": completion_tokens, "total_tokens": self.n_prompt + completion_tokens}
+
+    def _envelope(self, obj: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def failed(self, internal_message: str | None) -> str:
+        """Log the engine's reason (internal detail) and return what the client may see."""
+        log.error("request %s: generation failed: %s", self.id, internal_message)
+        return f"generation failed (request id {self.id}); the server log has the details"
+
+    def completion(self, text: str, finish_reason: str | None, completion_tokens: int) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": ev.finish_reason, "logprobs": None}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage(len(req.generated))}
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage=self.usage(completion_tokens))
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-        if chat:
-            delta: dict = {}
-            if first:
-                delta["role"] = "assistant"
+    def sse_chunk(self, text: str | None, finish: str | None, first: bool = False) -> str:
+        if self.chat:
+            delta: dict = {"role": "assistant"} if first else {}
             if text:
                 delta["content"] = text
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-        if include_usage:
-            payload["usage"] = None
-        return f"data: {json.dumps(payload)}\n\n"
+        extra = {"usage": None} if self.include_usage else {}
+        return _sse(self._envelope(self.chunk_object, [choice], **extra))
 
-    async def stream():
-        finished = False
-        try:
-            if chat:
-                yield chunk(None, None, first=True)
-            while not finished:
-                # One SSE event per token, but everything already queued goes out in one write
-                # (fewer socket sends when the server runs ahead of the client).
-                batch = [await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                out: list[str] = []
-                for ev in batch:
-                    if ev.kind == "error":
-                        err = {"error": {"message": ev.message, "type": "server_error", "param": None, "code": 500}}
-                        out.append(f"data: {json.dumps(err)}\n\n")
-                        finished = True
-                        break
-                    if ev.text:  # empty while text is held back (a possible stop string); it comes later
-                        out.append(chunk(ev.text, None))
-                    if ev.kind == "done":
-                        out.append(chunk(None, ev.finish_reason))
-                        if include_usage:
-                            u = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(len(req.generated))}
-                            out.append(f"data: {json.dumps(u)}\n\n")
-                        finished = True
-                        break
-                if out:
-                    yield "".join(out)
-            yield "data: [DONE]\n\n"
-            state.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        finally:
-            if not finished:
-                req.cancel()  # client disconnected (or error): free the batch slot
+    def sse_usage(self, completion_tokens: int) -> str:
+        return _sse(self._envelope(self.chunk_object, [], usage=self.usage(completion_tokens)))
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _generate(state: ServerState, body, prompt_ids: list[int], chat: bool):
+    params = _sampling_params(state, body, len(prompt_ids), chat)
+    req, events = _submit(state, prompt_ids, params)
+    reply = _Reply(state, body, len(prompt_ids), chat)
+    if body.stream:
+        return StreamingResponse(_stream(state, reply, req, events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _complete(state, reply, req, events)
+
+
+async def _complete(state: ServerState, reply: _Reply, req: GenerationRequest, events: asyncio.Queue) -> dict:
+    t0 = time.perf_counter()
+    parts: list[str] = []
+    try:
+        while True:
+            ev = await events.get()
+            if ev.kind == "error":
+                raise APIError(500, reply.failed(ev.message), None, "server_error")
+            parts.append(ev.text)
+            if ev.kind == "done":
+                break
+    except asyncio.CancelledError:
+        req.cancel()
+        raise
+    state.metrics.latency.labels(reply.endpoint).observe(time.perf_counter() - t0)
+    return reply.completion("".join(parts), ev.finish_reason, len(req.generated))
+
+
+async def _stream(state: ServerState, reply: _Reply, req: GenerationRequest, events: asyncio.Queue):
+    t0 = time.perf_counter()
+    finished = False
+    try:
+        if reply.chat:
+            yield reply.sse_chunk(None, None, first=True)
+        while not finished:
+            # One SSE event per token, but everything already queued goes out in one write
+            # (fewer socket sends when the server runs ahead of the client).
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            out, finished = _sse_for_events(reply, req, batch)
+            if out:
+                yield out
+        yield "data: [DONE]\n\n"
+        state.metrics.latency.labels(reply.endpoint).observe(time.perf_counter() - t0)
+    finally:
+        if not finished:
+            req.cancel()  # client disconnected (or error): free the batch slot
+
+
+def _sse_for_events(reply: _Reply, req: GenerationRequest, batch: list[Event]) -> tuple[str, bool]:
+    """The SSE text for a burst of engine events, and whether the generation has ended."""
+    out: list[str] = []
+    for ev in batch:
+        if ev.kind == "error":
+            err = {"error": {"message": reply.failed(ev.message), "type": "server_error", "param": None, "code": 500}}
+            out.append(_sse(err))
+            return "".join(out), True
+        if ev.text:  # empty while text is held back (a possible stop string); it comes later
+            out.append(reply.sse_chunk(ev.text, None))
+        if ev.kind == "done":
+            out.append(reply.sse_chunk(None, ev.finish_reason))
+            if reply.include_usage:
+                out.append(reply.sse_usage(len(req.generated)))
+            return "".join(out), True
+    return "".join(out), False

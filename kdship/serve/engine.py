@@ -34,6 +34,8 @@ DEFAULT_MAX_QUEUE = 256
 
 import numpy as np
 
+from kdship.serve.detok import IncrementalDetokenizer
+
 log = logging.getLogger("kdship.serve")
 
 
@@ -62,7 +64,8 @@ class Event:
     kind ``"token"``: ``text`` is the newly final text (may be empty while a possible stop string or an
     incomplete UTF-8 character is held back), ``token_id`` the sampled token.
     kind ``"done"``: ``text`` is the remaining text, ``finish_reason`` "stop" | "length" | "cancelled".
-    kind ``"error"``: ``message`` says why the request failed (the server itself keeps running).
+    kind ``"error"``: ``message`` says why the request failed, for the server log: it may hold
+    internal detail (exception text), so the HTTP layer does not show it to clients.
     """
 
     kind: str
@@ -88,7 +91,8 @@ class GenerationRequest:
         self.finish_time: float | None = None
         # Filled by the scheduler.
         self.generated: list[int] = []
-        self.text_sent = 0  # characters of the decoded output already emitted
+        self.detok: IncrementalDetokenizer | None = None
+        self.unsent = ""  # decoded text held back: it may still be the start of a stop string
         self.rng = np.random.default_rng(params.seed)
         self.finish_reason: str | None = None
 
@@ -120,16 +124,25 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` that may still grow into a stop string (or a UTF-8 char)."""
+    """Characters at the end of ``text`` that may still grow into a stop string.
+
+    (Incomplete UTF-8 characters never get here: the detokenizer holds them back itself.)"""
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
                 hold = max(hold, k)
                 break
-    if text.endswith("\ufffd"):  # byte-level BPE: an incomplete multi-byte character so far
-        hold = max(hold, 1)
     return hold
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or None.
+
+    Searching only the unsent text is enough: :func:`_held_back` keeps any text that could begin a
+    stop string unsent, so no stop string can start in text already sent."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
 
 
 class BatchStats:
@@ -148,6 +161,8 @@ class ContinuousBatchingEngine:
     ``max_batch``: most sequences decoded together (1 = one request at a time).
     ``max_queue``: most requests waiting for a slot; beyond that :meth:`submit` raises :class:`QueueFull`.
     ``max_prefill_tokens``: bound on padded prompt tokens prefilled in one forward pass.
+    Only the scheduler thread uses ``model.tokenizer`` (to detokenise); whoever tokenises prompts
+    uses a tokenizer of its own, so a long prompt never waits for, or holds up, a decode step.
     """
 
     def __init__(
@@ -158,7 +173,6 @@ class ContinuousBatchingEngine:
         max_prefill_tokens: int = 4096,
         eos_token_ids: list[int] | None = None,
         stats: BatchStats | None = None,
-        tokenizer_lock: threading.Lock | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -179,7 +193,6 @@ class ContinuousBatchingEngine:
             pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0))
         self.stats = stats or BatchStats()
-        self.tokenizer_lock = tokenizer_lock or threading.Lock()
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._cv = threading.Condition()
@@ -257,8 +270,9 @@ class ContinuousBatchingEngine:
                 for r in self._running + admitted:
                     if r.finish_reason is None:
                         r.finish_reason = "error"
-                        r.emit(Event("error", message=f"generation failed: {type(e).__name__}: {e}"))
+                        r.emit(Event("error", message=f"engine step failed: {type(e).__name__}: {e}"))
                 self._running, self._past, self._mask = [], None, None
+                self.stats.queue(len(self._waiting), 0)
         for r in list(self._running) + list(self._waiting):
             r.emit(Event("error", message="server stopped"))
 
@@ -268,7 +282,7 @@ class ContinuousBatchingEngine:
         while self._waiting and len(self._running) + len(out) < self.max_batch:
             r = self._waiting[0]
             if r.cancelled:
-                self._waiting.popleft()
+                self._mark_cancelled(self._waiting.popleft())
                 continue
             longest_next = max(longest, len(r.prompt_ids))
             if out and longest_next * (len(out) + 1) > self.max_prefill_tokens:
@@ -341,50 +355,53 @@ class ContinuousBatchingEngine:
 
     def _accept_token(self, r: GenerationRequest, tok: int) -> None:
         if r.cancelled:
-            r.finish_reason = "cancelled"
+            self._mark_cancelled(r)
             return
         p = r.params
+        if r.detok is None:
+            r.detok = IncrementalDetokenizer(self.tokenizer)
         if tok in self.eos_token_ids and not p.ignore_eos:
             r.finish_reason = "stop"
-            self._finish(r)
+            self._finish(r, r.unsent + r.detok.flush())
             return
         r.generated.append(tok)
-        with self.tokenizer_lock:
-            text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-        if p.stop:
-            start = max(0, r.text_sent - max(len(s) for s in p.stop))
-            hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                r.finish_reason = "stop"
-                self._finish(r, text[:cut])
-                return
-        if len(r.generated) >= p.max_tokens:
+        r.unsent += r.detok.push(tok)
+        at_length = len(r.generated) >= p.max_tokens
+        if at_length:
+            r.unsent += r.detok.flush()
+        cut = _first_stop(r.unsent, p.stop) if p.stop else None
+        if cut is not None:
+            r.finish_reason = "stop"
+            self._finish(r, r.unsent[:cut])
+        elif at_length:
             r.finish_reason = "length"
-            self._finish(r, text)
-            return
-        safe = len(text) - _held_back(text, p.stop)
-        delta = text[r.text_sent : safe] if safe > r.text_sent else ""
-        r.text_sent = max(r.text_sent, safe)
-        r.emit(Event("token", text=delta, token_id=tok))
+            self._finish(r, r.unsent)
+        else:
+            safe = len(r.unsent) - _held_back(r.unsent, p.stop)
+            delta, r.unsent = r.unsent[:safe], r.unsent[safe:]
+            r.emit(Event("token", text=delta, token_id=tok))
 
-    def _finish(self, r: GenerationRequest, final_text: str | None = None) -> None:
-        if final_text is None:
-            with self.tokenizer_lock:
-                final_text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-        rest = final_text[r.text_sent :] if len(final_text) > r.text_sent else ""
-        r.text_sent = len(final_text)
+    def _finish(self, r: GenerationRequest, rest: str) -> None:
+        """``rest``: the text not emitted yet, already cut at a stop string."""
+        r.unsent = ""
         r.finish_time = time.perf_counter()
         self.stats.finished(len(r.prompt_ids), len(r.generated), r.finish_reason or "stop")
         r.emit(Event("done", text=rest, finish_reason=r.finish_reason))
 
+    def _mark_cancelled(self, r: GenerationRequest) -> None:
+        """The client went away: counted in the metrics like any finished request, nothing emitted."""
+        if r.finish_reason is None:
+            r.finish_reason = "cancelled"
+            self.stats.finished(len(r.prompt_ids), len(r.generated), "cancelled")
+
     def _retire(self) -> None:
         keep = [i for i, r in enumerate(self._running) if r.finish_reason is None and not r.cancelled]
         for r in self._running:
-            if r.cancelled and r.finish_reason is None:
-                r.finish_reason = "cancelled"
+            if r.cancelled:
+                self._mark_cancelled(r)
         if len(keep) == len(self._running):
             return
+        self.stats.queue(len(self._waiting), len(keep))  # the gauges return to idle with the batch
         if not keep:
             self._running, self._past, self._mask = [], None, None
             return

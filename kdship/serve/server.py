@@ -25,8 +25,10 @@ from pathlib import Path
 
 from kdship.runtime.server_process import API_KEY_ENV, ServeError, default_model_name, resolve_model_dir
 from kdship.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
+from kdship.serve.guard import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger("kdship.serve")
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -35,6 +37,34 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def resolve_api_key(api_key: str | None = None, api_key_file: str | Path | None = None) -> str | None:
+    """The key from ``--api-key``, else ``--api-key-file`` (first line), else env ``KDSHIP_API_KEY``."""
+    if api_key and api_key_file:
+        raise ServeError("give --api-key or --api-key-file, not both")
+    if api_key_file:
+        try:
+            lines = Path(api_key_file).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ServeError(f"--api-key-file {api_key_file}: cannot read it ({e.strerror})")
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ServeError(f"--api-key-file {api_key_file}: the first line is empty")
+        return key
+    return api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve beyond loopback without a key unless ``--insecure-no-auth`` says so on purpose."""
+    if _is_loopback(host):
+        return
+    if api_key is None and not insecure_no_auth:
+        raise ServeError(
+            f"refusing to bind {host} (reachable from other machines) without an API key: set env {API_KEY_ENV} "
+            "or pass --api-key-file PATH, or pass --insecure-no-auth to serve without authentication"
+        )
+    log.warning("binding %s: the endpoint is reachable from other machines%s", host, "" if api_key else " and has no API key (--insecure-no-auth)")
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -122,6 +152,7 @@ def build_onnx_app(
     model_name: str | None = None,
     threads: int | None = None,
     spin: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ):
     """Load the ONNX export and return the FastAPI app (``uvicorn.run(app)`` serves it)."""
     from kdship.runtime.onnx import OnnxCausalLM
@@ -133,13 +164,14 @@ def build_onnx_app(
         if max_model_len > limit:
             raise ServeError(f"--max-model-len {max_model_len} exceeds the model's {limit} positions")
         limit = max_model_len
-    return build_app(model, model_name or default_model_name(onnx_dir), limit, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    name = model_name or default_model_name(onnx_dir)
+    return build_app(model, name, limit, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_body_bytes=max_body_bytes)
 
 
-def _serve_onnx(onnx_dir: Path, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int, int8: bool, max_model_len: int | None, name: str, log_level: str, threads: int | None, spin: bool = True) -> int:
+def _serve_onnx(onnx_dir: Path, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int, int8: bool, max_model_len: int | None, name: str, log_level: str, threads: int | None, spin: bool, max_body_bytes: int) -> int:
     import uvicorn
 
-    app = build_onnx_app(onnx_dir, api_key, max_batch, max_queue, int8, max_model_len, name, threads, spin)
+    app = build_onnx_app(onnx_dir, api_key, max_batch, max_queue, int8, max_model_len, name, threads, spin, max_body_bytes)
     # The scheduler thread needs the GIL back quickly after each ONNX Runtime call while the event
     # loop thread streams responses; the default 5 ms switch interval would stall every decode step.
     sys.setswitchinterval(0.0005)
@@ -158,6 +190,9 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    api_key_file: str | Path | None = None,
+    insecure_no_auth: bool = False,
+    max_body_bytes: int | None = None,
     max_batch: int | None = None,
     max_queue: int | None = None,
     int8: bool = False,
@@ -169,7 +204,10 @@ def serve(
 ) -> int:
     """Serve ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
 
-    ``api_key`` (or env ``KDSHIP_API_KEY``): required as ``Authorization: Bearer KEY`` on ``/v1/*``.
+    ``api_key`` / ``api_key_file`` / env ``KDSHIP_API_KEY`` (in that order): required as
+    ``Authorization: Bearer KEY`` on ``/v1/*``. ``--api-key KEY`` on a command line shows in ``ps``;
+    the file or the environment do not. A ``host`` beyond loopback needs a key, or ``insecure_no_auth``.
+    ``max_body_bytes``: larger request bodies get 413 (onnx; default 1 MiB).
     ``max_batch``: sequences decoded together (onnx, default ``DEFAULT_MAX_BATCH``; vllm ``--max-num-seqs``).
     ``max_queue``: requests waiting beyond the batch before 429 (onnx, default ``DEFAULT_MAX_QUEUE``).
     ``int8``: serve ``model.int8.onnx`` (onnx only). ``max_model_len``: context limit (prompt + output).
@@ -179,19 +217,25 @@ def serve(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model_dir(model_dir, backend)
     name = served_model_name or default_model_name(model_dir)
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = resolve_api_key(api_key, api_key_file)
+    check_bind(host, api_key, insecure_no_auth)
+    if max_body_bytes is not None and max_body_bytes < 1:
+        raise ServeError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
     if not (1 <= int(port) <= 65535):
         raise ServeError(f"--port must be in 1..65535, got {port}")
     if max_batch is not None and max_batch < 1:
         raise ServeError(f"--max-batch must be >= 1, got {max_batch}")
     if max_queue is not None and max_queue < 1:
         raise ServeError(f"--max-queue must be >= 1, got {max_queue}")
-    if not _is_loopback(host):
-        log.warning("binding %s: the endpoint is reachable from other machines%s", host, "" if api_key else " and has no API key")
     if backend == "vllm":
+        if max_body_bytes is not None:
+            log.warning("--max-body-bytes applies to the onnx backend (vLLM has no request-size option; put a proxy in front)")
         if int8:
             raise ServeError("--int8 applies to --backend onnx only (vLLM serves the HF weights)")
         if threads is not None:
             log.warning("--threads applies to the onnx backend (for vLLM set OMP_NUM_THREADS)")
         return _serve_vllm(path, host, port, api_key, max_batch, max_queue, max_model_len, name)
-    return _serve_onnx(path, host, port, api_key, max_batch or DEFAULT_MAX_BATCH, max_queue or DEFAULT_MAX_QUEUE, int8, max_model_len, name, log_level, threads, spin)
+    return _serve_onnx(
+        path, host, port, api_key, max_batch or DEFAULT_MAX_BATCH, max_queue or DEFAULT_MAX_QUEUE, int8, max_model_len, name, log_level, threads, spin,
+        max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+    )  # fmt: skip
