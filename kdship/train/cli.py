@@ -49,6 +49,14 @@ def train_command(
     log_every: Optional[int] = typer.Option(None, "--log-every", help=with_default("Steps per tokens/s window.", DEFAULTS, "log_every")),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar. Default on."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of these options (flags override it)."),
+    on_policy_rounds: int = typer.Option(0, "--on-policy-rounds", help="On-policy rounds R (needs --max-steps, --prompts, --teacher): the steps split into R+1 phases; after each but the last the student generates responses to --prompts, the teacher scores them in a `kdship cache --mode score` subprocess (never in this process) into RUN/rounds/r/store, and later phases mix those stores in. Reverse KL (--loss rkl) is the literature's choice here (MiniLLM, GKD). Resumable with --resume."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="On-policy: JSONL of {prompt} or {messages} rows the student answers each round."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="On-policy: the store's teacher directory; only the scoring subprocess (and --mix-teacher's generation) loads it."),
+    on_policy_fraction: float = typer.Option(0.5, "--on-policy-fraction", help="On-policy: probability that a batch comes from the round stores (all rounds so far, equally) instead of STORE."),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", help="On-policy: responses per prompt and round."),
+    on_policy_max_new_tokens: int = typer.Option(128, "--on-policy-max-new-tokens", help="On-policy: tokens per generated response."),
+    mix_teacher: float = typer.Option(0.0, "--mix-teacher", help="On-policy: sample each token from a*p_teacher + (1-a)*p_student (MiniLLM's teacher-mixed sampling). a > 0 loads the teacher (transformers) during the generate phase only, beside the student, and releases it before scoring and training."),
+    score_backend: Optional[str] = typer.Option(None, "--score-backend", help="On-policy: the cache backend that scores the rounds (vllm | hf). Default: the one STORE's header records (vllm when it does not say)."),
 ) -> None:
     """Train a student from a teacher store (the teacher is never loaded).
 
@@ -66,7 +74,18 @@ def train_command(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in locals().items() if k in _OPTION_NAMES}
     try:
-        summary = train(store, student=student, out=out or DEFAULT_OUT, config=config, **flags)
+        if on_policy_rounds:
+            from kdship.train.onpolicy import train_on_policy
+
+            summary = train_on_policy(
+                store, student, out or DEFAULT_OUT, config, on_policy_rounds, prompts, teacher, fraction=on_policy_fraction,
+                samples_per_prompt=samples_per_prompt, max_new_tokens=on_policy_max_new_tokens, mix_teacher=mix_teacher,
+                score_backend=score_backend, **flags,
+            )
+        elif prompts or teacher or mix_teacher:
+            raise TrainError("--prompts, --teacher and --mix-teacher apply to --on-policy-rounds R only")
+        else:
+            summary = train(store, student=student, out=out or DEFAULT_OUT, config=config, **flags)
     except (TrainError, StoreError, ConfigError, ValueError) as e:
         typer.echo(f"kdship train: error: {e}", err=True)
         raise typer.Exit(2)

@@ -58,6 +58,7 @@ class Batch:
     global_rows: int
     epoch: int
     state: dict[str, int] = field(default_factory=dict)  # where the next batch starts
+    source: str | None = None  # MixedLoader: the name of the store the batch came from
 
 
 @dataclass
@@ -392,3 +393,70 @@ class StoreLoader:
     def close(self) -> None:
         self._group_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class MixedLoader:
+    """Batches drawn from several stores: each batch comes whole from one store, picked by a seeded coin.
+
+    ``stores`` = [(name, StoreLoader, weight)]; the first is the main store (its held-out slice is the
+    evaluation set). Batch n's store is drawn from ``default_rng([seed, n, MIX_STREAM])`` with
+    probabilities proportional to the weights, so the choice depends only on the seed and the batch's
+    number, and a resumed run (``state`` from ``Batch.state``) draws exactly what the uninterrupted
+    one would. Whole batches from one store keep ``collate`` unchanged (stores may differ in width k).
+    A store not named in ``state`` (e.g. a round store added since) starts from its beginning.
+    """
+
+    MIX_STREAM = 0x6D6978  # "mix": keeps these draws apart from the shuffles' streams
+
+    def __init__(self, stores: list[tuple[str, "StoreLoader", float]], seed: int, state: dict[str, Any] | None = None):
+        if not stores:
+            raise ValueError("MixedLoader needs at least one store")
+        weights = np.asarray([float(w) for _, _, w in stores], dtype=np.float64)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        self.names = [n for n, _, _ in stores]
+        self.loaders = {n: ld for n, ld, _ in stores}
+        self.probs = weights / weights.sum()
+        self.seed = int(seed)
+        state = dict(state or {})
+        if "stores" not in state:  # a plain StoreLoader state (a run that trained on the main store only)
+            state = {"n": 0, "stores": {self.names[0]: state} if state else {}}
+        self.n = int(state["n"])
+        for name, st in state["stores"].items():
+            if name in self.loaders and st:
+                self.loaders[name].state = dict(st)
+        self.batches_by_source = {n: 0 for n in self.names}
+
+    @property
+    def skipped_empty(self) -> int:
+        return sum(ld.skipped_empty for ld in self.loaders.values())
+
+    def source_of(self, n: int) -> str:
+        u = np.random.default_rng([self.seed, n, self.MIX_STREAM]).random()
+        return self.names[min(int(np.searchsorted(np.cumsum(self.probs), u, side="right")), len(self.names) - 1)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "stores": {n: dict(ld.state) for n, ld in self.loaders.items()}}
+
+    def __iter__(self) -> Iterator[Batch]:
+        iters: dict[str, Iterator[Batch]] = {}
+        while True:
+            name = self.source_of(self.n)
+            if name not in iters:
+                iters[name] = iter(self.loaders[name])
+            try:
+                batch = next(iters[name])
+            except StopIteration:
+                return
+            self.n += 1
+            self.batches_by_source[name] += 1
+            batch.source = name
+            batch.state = self.state_dict()
+            yield batch
+
+    def eval_batches(self, batch_tokens: int | None = None) -> list[Batch]:
+        return self.loaders[self.names[0]].eval_batches(batch_tokens)
+
+    def close(self) -> None:
+        for ld in self.loaders.values():
+            ld.close()

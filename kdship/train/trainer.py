@@ -82,6 +82,9 @@ DEFAULTS: dict[str, Any] = {
     "tensorboard": False,
     "log_every": 10,
     "progress": True,
+    # on-policy rounds (kdship.train.onpolicy): more stores, drawn from with total probability mix_fraction
+    "mix_stores": None,
+    "mix_fraction": 0.0,
 }
 
 
@@ -377,6 +380,14 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, loader_st
     return final
 
 
+def load_weights(model, sd: dict, ckpt: Path) -> None:
+    """A checkpoint's model weights into an unsharded student (a tied lm_head may be absent)."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.endswith("lm_head.weight")] + list(unexpected)
+    if bad:
+        raise TrainError(f"{ckpt}: checkpoint does not fit the student (missing/unexpected: {bad[:5]})")
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, dist_ctx) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -390,10 +401,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, dist_ctx) -> dict:
         set_model_state_dict(model, sd, options=opts)
         set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
     else:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        bad = [k for k in missing if not k.endswith("lm_head.weight")] + list(unexpected)
-        if bad:
-            raise TrainError(f"{ckpt}: checkpoint does not fit the student (missing/unexpected: {bad[:5]})")
+        load_weights(model, sd, ckpt)
         optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng_cpu"])
     state = json.loads((ckpt / "state.json").read_text())
@@ -531,6 +539,8 @@ def train(store: str, student: str | None = None, out: str = DEFAULT_OUT, config
     cfg = _resolve_settings(store, student, config, options)
     header = StoreReader(store, verify=False).header
     _check_store_settings(header, cfg)
+    for extra in cfg["mix_stores"] or []:
+        check_same_teacher(header, StoreReader(extra, verify=False).header, str(store), str(extra))
     run = _Run(cfg=cfg, store=str(store), out_dir=Path(out), dist=_Dist(bool(cfg["fsdp"])))
     run.autocast_dtype = torch.bfloat16 if run.dist.device.type == "cuda" else None
     _setup_model(run, header)
@@ -574,14 +584,24 @@ class _Run:
         return batch.rows.to(self.device)
 
     def make_loader(self, state=None, max_epochs=None):
-        from kdship.train.loader import StoreLoader
+        from kdship.train.loader import MixedLoader, StoreLoader
 
         c = self.cfg
-        return StoreLoader(
-            self.store, int(c["batch_tokens"]), seed=int(c["seed"]), heldout_fraction=float(c["heldout_fraction"]),
-            eval_samples=int(c["eval_samples"]), shuffle_shards=int(c["shuffle_shards"]), workers=int(c["workers"]),
-            average=c["average"], rank=self.dist.rank, world_size=self.dist.world, max_epochs=max_epochs, state=state,
-        )
+
+        def store_loader(store, state=None, max_epochs=None):
+            return StoreLoader(
+                store, int(c["batch_tokens"]), seed=int(c["seed"]), heldout_fraction=float(c["heldout_fraction"]),
+                eval_samples=int(c["eval_samples"]), shuffle_shards=int(c["shuffle_shards"]), workers=int(c["workers"]),
+                average=c["average"], rank=self.dist.rank, world_size=self.dist.world, max_epochs=max_epochs, state=state,
+            )
+
+        if not c["mix_stores"]:
+            return store_loader(self.store, state, max_epochs)
+        # the main store keeps 1 - mix_fraction; the mixed-in stores share mix_fraction equally and cycle
+        lam, extra = float(c["mix_fraction"]), list(c["mix_stores"])
+        stores = [("main", store_loader(self.store, max_epochs=max_epochs), 1.0 - lam)]
+        stores += [(f"mix_{i}", store_loader(p), lam / len(extra)) for i, p in enumerate(extra)]
+        return MixedLoader(stores, seed=int(c["seed"]), state=state)
 
     def checkpoint(self, step: int, loader_state) -> None:
         save_checkpoint(self.out_dir, step, self.model, self.optimizer, self.scheduler, loader_state, {"tokens_seen": self.tokens_seen, "config": self.cfg},
@@ -601,7 +621,22 @@ def _resolve_settings(store, student, config, options) -> dict[str, Any]:
         cfg["epochs"] = 1
     if cfg["stop_after"] is not None and int(cfg["stop_after"]) < 1:
         raise TrainError(f"--stop-after must be >= 1, got {cfg['stop_after']}")
+    if cfg["mix_stores"]:
+        if cfg["max_steps"] is None:
+            raise TrainError("mixing stores (on-policy rounds) needs --max-steps (an epoch of several stores is not defined)")
+        if not 0.0 <= float(cfg["mix_fraction"]) <= 1.0:
+            raise TrainError(f"the mixing fraction must be in [0, 1], got {cfg['mix_fraction']}")
     return cfg
+
+
+def check_same_teacher(header: dict[str, Any], other: dict[str, Any], store: str, other_store: str) -> None:
+    """Refuse to mix stores written by different teachers (or tokenizers): their targets mean different things."""
+    from kdship.store import TEACHER_IDENTITY_KEYS
+
+    a, b = header.get("teacher") or {}, other.get("teacher") or {}
+    differ = [k for k in TEACHER_IDENTITY_KEYS if a.get(k) != b.get(k)]
+    if differ:
+        raise TrainError(f"{other_store} was written by another teacher than {store} ({', '.join(differ)} differ); stores can be mixed only under one teacher")
 
 
 def _check_store_settings(header: dict[str, Any], cfg: dict[str, Any]) -> None:
@@ -765,6 +800,8 @@ def _train_loop(run: _Run) -> dict[str, Any]:
                 "tokens_per_s": window_tokens / max(1e-9, now - window_t), "peak_mem_mb": _peak_memory_mb(run.device),
                 "elapsed_s": now - t0,
             }
+            if batch.source is not None:
+                rec["source"] = batch.source
             if step % int(cfg["log_every"]) == 0:
                 window_tokens, window_t = 0, now
             metrics.log(rec)
@@ -791,6 +828,8 @@ def _train_loop(run: _Run) -> dict[str, Any]:
         "heldout_kl_last": final_eval["heldout_kl"] if final_eval else None,
         "skipped_samples_without_targets": loader.skipped_empty,
     }
+    if cfg["mix_stores"]:
+        summary["batches_by_source"] = dict(loader.batches_by_source)
     if not finished:  # --stop-after: a checkpoint to resume from, no final model yet
         run.checkpoint(step, last_state)
         summary["final"] = None
