@@ -1,0 +1,167 @@
+"""On-policy rounds (`kdship train --on-policy-rounds`): the tiny teacher scores the tiny student's own
+generations in a `kdship cache --mode score` subprocess (the real vLLM engine), and training mixes the
+round stores in. The trainer runs as a subprocess under a Python audit hook that logs every file it
+opens inside the teacher's directory, so "the trainer never loaded the teacher" is an observation that
+the --mix-teacher run (which does load it) shows can fail.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdship.train.generate import mixed_probs, sample_mixed
+from kdship.train.onpolicy import phase_ends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# runs `python -m kdship ...` with an audit hook logging this process's opens under $WATCH_DIR
+# (the scoring subprocess is a new interpreter: the hook does not follow it there)
+HOOKED_KDSHIP = """
+import os, runpy, sys
+watch, log = os.path.realpath(os.environ["WATCH_DIR"]) + os.sep, os.environ["OPEN_LOG"]
+def hook(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes)):
+        p = os.path.realpath(os.fsdecode(args[0]))
+        if p.startswith(watch):
+            with open(log, "a") as fh:
+                fh.write(p + "\\n")
+sys.addaudithook(hook)
+sys.argv = ["kdship"] + sys.argv[1:]
+runpy.run_module("kdship", run_name="__main__", alter_sys=True)
+"""
+
+
+def _env(watch: Path, log: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "WATCH_DIR": str(watch), "OPEN_LOG": str(log)}
+
+
+def _train_args(store, student, teacher, prompts, out, *extra) -> list[str]:
+    return [
+        sys.executable, "-c", HOOKED_KDSHIP, "train", str(store), "--student", str(student), "--out", str(out), "--max-steps", "9",
+        "--batch-tokens", "128", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "0", "--ckpt-every", "0", "--heldout-fraction", "0.1",
+        "--eval-samples", "4", "--loss", "rkl", "--no-progress", "--on-policy-rounds", "2", "--prompts", str(prompts), "--teacher", str(teacher),
+        "--samples-per-prompt", "2", "--on-policy-max-new-tokens", "12", "--on-policy-fraction", "0.5", "--score-backend", "vllm", *extra,
+    ]
+
+
+def _opened(log: Path) -> list[str]:
+    return log.read_text().split() if log.is_file() else []
+
+
+def _final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def main_store(tmp_path_factory, tiny_teacher, corpus_dir):
+    from kdship.cache.run import cache
+
+    out = tmp_path_factory.mktemp("onpolicy") / "store"
+    cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), mode="score", backend="hf", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, main_store, tiny_teacher, tiny_student, corpus_dir):
+    d = tmp_path_factory.mktemp("onpolicy_full")
+    run, log = d / "run", d / "opened.txt"
+    args = _train_args(main_store, tiny_student, tiny_teacher, corpus_dir / "prompts.jsonl", run)
+    proc = subprocess.run(args, env=_env(tiny_teacher, log), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, log
+
+
+def test_mixed_sampling_draws_from_the_mixture():
+    """200k draws on a 5-token vocabulary: chi-square against alpha*q + (1-alpha)*p is small, while
+    against p alone or q alone it is huge (so the test cannot pass with an unmixed sampler)."""
+    s_logits = torch.tensor([2.0, 0.5, -1.0, 0.0, 1.0])
+    t_logits = torch.tensor([-1.0, 1.5, 2.0, 0.0, -2.0])
+    p, q = torch.softmax(s_logits, -1), torch.softmax(t_logits, -1)
+    alpha, n = 0.3, 200_000
+    torch.testing.assert_close(mixed_probs(s_logits[None], t_logits[None], 0.0)[0], p)
+    torch.testing.assert_close(mixed_probs(s_logits[None], t_logits[None], 1.0)[0], q)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_mixed(s_logits.expand(n, -1), t_logits.expand(n, -1), alpha, gen)
+    counts = np.bincount(draws.numpy(), minlength=5)
+
+    def chi2(probs) -> float:
+        expected = probs.double().numpy() * n
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    # chi-square with 4 degrees of freedom: P(> 30) ~ 5e-6
+    assert chi2(alpha * q + (1 - alpha) * p) < 30.0
+    assert chi2(p) > 1000 and chi2(q) > 1000
+    # seeded: the same generator seed draws the same tokens
+    again = sample_mixed(s_logits.expand(n, -1), t_logits.expand(n, -1), alpha, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_phases_split_the_steps():
+    assert phase_ends(9, 2) == [3, 6, 9] and phase_ends(10, 3) == [2, 5, 7, 10]
+
+
+def test_two_rounds_score_with_vllm_mix_round_data_and_never_load_the_teacher(full_run, main_store, tiny_teacher):
+    from kdship.store import TEACHER_IDENTITY_KEYS, StoreReader
+
+    run, log = full_run
+    main = StoreReader(str(main_store), verify=False).header["teacher"]
+    for r in (0, 1):
+        gens = [json.loads(x) for x in (run / "rounds" / str(r) / "generations.jsonl").read_text().splitlines()]
+        assert gens and all(g["round"] == r and isinstance(g["seed"], int) and g["response"] for g in gens)
+        assert len({g["seed"] for g in gens}) == len({g["prompt_index"] for g in gens})  # one seed per (round, prompt)
+        reader = StoreReader(str(run / "rounds" / str(r) / "store"))
+        assert reader.complete and reader.num_samples() == len(gens)
+        assert {k: reader.header["teacher"][k] for k in TEACHER_IDENTITY_KEYS} == {k: main[k] for k in TEACHER_IDENTITY_KEYS}
+        assert reader.header["target_sampling"]["exact"] is False  # scored by vLLM, not the hf reference
+    summary = json.loads((run / "rounds" / "summary.json").read_text())
+    by_phase = [rec["batches_by_source"] for rec in summary["rounds"]]
+    assert by_phase[0] == {"main": 3}
+    assert by_phase[1].get("mix_0", 0) + by_phase[2].get("mix_0", 0) + by_phase[2].get("mix_1", 0) > 0  # round data was trained on
+    assert "mix_1" not in by_phase[1]  # round 1's store did not exist yet
+    assert all(rec["train_tokens"] > 0 for rec in summary["rounds"])
+    assert summary["rounds"][0]["seconds"].keys() == {"train", "generate", "score"}
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [s["step"] for s in steps] == list(range(1, 10))
+    assert (run / "final" / "model.safetensors").is_file()
+    # the training process never opened a file of the teacher (the scorer, a subprocess, did)
+    assert _opened(log) == []
+
+
+def test_resume_after_sigkill_past_round_1_generation_gives_the_same_weights(full_run, main_store, tiny_teacher, tiny_student, corpus_dir, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "opened.txt"
+    args = _train_args(main_store, tiny_student, tiny_teacher, corpus_dir / "prompts.jsonl", run)
+    proc = subprocess.Popen(args, env=_env(tiny_teacher, log), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = run / "rounds" / "state.json"
+    try:
+        deadline = time.time() + 500
+        while time.time() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["phases"][1]["generated"]:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its scoring subprocess
+        proc.wait()
+    killed_at = json.loads(state.read_text())["phases"]
+    assert killed_at[1]["generated"] and not killed_at[2]["trained"], "the run finished before it could be killed"
+    gens1 = run / "rounds" / "1" / "generations.jsonl"
+    before = (gens1.stat().st_mtime_ns, (run / "rounds" / "0" / "generations.jsonl").stat().st_mtime_ns)
+    resumed = subprocess.run(args + ["--resume"], env=_env(tiny_teacher, log), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # nothing finished was recomputed: both rounds' generations are the files written before the kill
+    assert (gens1.stat().st_mtime_ns, (run / "rounds" / "0" / "generations.jsonl").stat().st_mtime_ns) == before
+    assert gens1.read_text() == (full_run[0] / "rounds" / "1" / "generations.jsonl").read_text()
+    a, b = _final_weights(full_run[0]), _final_weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert _opened(log) == []
