@@ -165,3 +165,19 @@ def test_resume_after_sigkill_past_round_1_generation_gives_the_same_weights(ful
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
     assert _opened(log) == []
+
+
+def test_mix_teacher_loads_the_teacher_in_the_generate_phase_which_the_hook_sees(main_store, tiny_teacher, tiny_student, corpus_dir, tmp_path):
+    """--mix-teacher needs the teacher at generation time: the same audit hook then logs its files, so
+    the empty logs of the runs above are evidence, not an artefact of a hook that sees nothing."""
+    run, log = tmp_path / "run", tmp_path / "opened.txt"
+    args = _train_args(main_store, tiny_student, tiny_teacher, corpus_dir / "prompts.jsonl", run, "--mix-teacher", "0.5")
+    args[args.index("--on-policy-rounds") + 1] = "1"
+    args[args.index("--max-steps") + 1] = "2"
+    args[args.index("--score-backend") + 1] = "hf"
+    proc = subprocess.run(args, env=_env(tiny_teacher, log), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(Path(tiny_teacher).resolve() / "config.json") in _opened(log)
+    gens = [json.loads(x) for x in (run / "rounds" / "0" / "generations.jsonl").read_text().splitlines()]
+    assert gens and all(g["mix_teacher"] == 0.5 for g in gens)
+    assert json.loads((run / "rounds" / "summary.json").read_text())["settings"]["mix_teacher"] == 0.5
