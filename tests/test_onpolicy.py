@@ -181,3 +181,40 @@ def test_mix_teacher_loads_the_teacher_in_the_generate_phase_which_the_hook_sees
     gens = [json.loads(x) for x in (run / "rounds" / "0" / "generations.jsonl").read_text().splitlines()]
     assert gens and all(g["mix_teacher"] == 0.5 for g in gens)
     assert json.loads((run / "rounds" / "summary.json").read_text())["settings"]["mix_teacher"] == 0.5
+
+
+def test_mixed_loader_is_seeded_resumes_exactly_and_refuses_another_teachers_store(main_store, tiny_teacher, tiny_student, tmp_path):
+    from kdship.tiny import build_tiny_llama, synthetic_sentences
+    from kdship.train.loader import MixedLoader, StoreLoader
+    from kdship.train.trainer import TrainError, train
+
+    from train_stores import write_teacher_store
+
+    texts = [" ".join(synthetic_sentences(30, seed=5)[i : i + 3]) for i in range(0, 30, 3)]
+    same = write_teacher_store(tiny_teacher, tmp_path / "same", texts, top_k=8, shard_size=4)
+
+    def mixed(state=None):
+        stores = [("main", StoreLoader(str(main_store), 64, seed=1), 0.5), ("mix_0", StoreLoader(str(same), 64, seed=1), 0.5)]
+        return MixedLoader(stores, seed=1, state=state)
+
+    def take(loader, n):
+        out = []
+        for b in loader:
+            out.append((b.source, b.input_ids.clone(), b.state))
+            if len(out) == n:
+                break
+        loader.close()
+        return out
+
+    full = take(mixed(), 8)
+    assert {s for s, _, _ in full} == {"main", "mix_0"}  # both stores were drawn from
+    assert [s for s, _, _ in full] == [s for s, _, _ in take(mixed(), 8)]  # seeded
+    rest = take(mixed(state=full[3][2]), 4)
+    assert [s for s, _, _ in rest] == [s for s, _, _ in full[4:]]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(rest, full[4:]))
+
+    other_teacher = build_tiny_llama(tmp_path / "other", hidden=128, layers=2, heads=2, kv_heads=1, seed=5, tokenizer_dir=tiny_teacher)
+    other = write_teacher_store(other_teacher, tmp_path / "other_store", texts, top_k=8, shard_size=4)
+    with pytest.raises(TrainError, match="another teacher.*weights_sha256"):
+        train(str(main_store), student=str(tiny_student), out=str(tmp_path / "run"), max_steps=2, progress=False, mix_stores=[str(other)], mix_fraction=0.5)
+    assert not (tmp_path / "run").exists()
