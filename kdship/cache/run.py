@@ -144,11 +144,8 @@ def cache(
     mine = [s for s in range(len(shard_bounds)) if s % num_shards == shard_index]
     todo = [s for s in mine if shard_path(s) not in committed]
     stats, reject_counts = _write_shards(o, writer, todo, shard_bounds, items, rejects, backend_ref, header.top_k, teacher_id)
-    committed = set(writer.committed())
-    complete = all(shard_path(s) in committed for s in range(len(shard_bounds)))
     n_rejects = writer.rebuild_rejects()
-    if complete:
-        writer.update_header(complete=True)
+    complete = writer.mark_complete(len(shard_bounds))
     return _summary(o, stats, reject_counts, backend_ref, t_start, header.top_k, n_records, len(shard_bounds), len(todo), len(mine), n_rejects, complete)
 
 
