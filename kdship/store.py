@@ -34,10 +34,14 @@ A store is a Zarr v3 group (a local folder or an fsspec URL) documented in ``cac
                                 variance f32 [L, D] (of each component over the fitted rows)
       rejects.jsonl             rows refused under --skip-bad, rebuilt from committed shards
 
-Crash safety: a shard's arrays are written first, then its checksum (over the *decoded* arrays) is
-stored in the shard group's attributes, and only then is the shard's path appended to the header's
-``complete_shards`` -- one atomic write of the root ``zarr.json`` under a lock file. A shard that is
-not listed does not exist as far as any reader is concerned; the writer deletes and redoes it.
+Commits (crash-safe with any number of writers on any fsspec store, cache/FORMAT.md "Commits"): a
+shard's arrays are written first, then its checksum (over the *decoded* arrays) into the shard
+group's attributes, and only then its commit record ``commits/s000123.json``: one new object, written
+whole (temp + rename on local disk; a single PUT on an object store), never rewritten. The committed
+shards are the records present; nothing is read-modified-written, so concurrent writers cannot lose
+each other's commits. A shard without a record does not exist for any reader; a writer deletes and
+redoes it. The header's ``complete_shards`` is a snapshot written when a writer saw every shard
+committed (older stores: the list itself).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator
 
@@ -68,6 +74,7 @@ HEADER_ATTR = "kdship"
 SHARDS_GROUP = "shards"
 REJECTS_FILE = "rejects.jsonl"
 LOCK_FILE = ".kdship.lock"
+COMMITS_DIR = "commits"
 
 # Fixed array names and dtypes: other tools rely on them (cache/FORMAT.md). Every store has these:
 BASE_ARRAY_DTYPES: dict[str, str] = {
@@ -501,6 +508,28 @@ def _open_root(url: str, mode: str) -> zarr.Group:
     return zarr.open_group(path, mode=mode, zarr_format=3)
 
 
+def _create_root(url: str, header: dict[str, Any]) -> zarr.Group:
+    """Create the root group with its header in one write of ``zarr.json`` (another writer never sees
+    a root without a header); an existing root is opened as it is."""
+    url = str(url)
+    if _is_url(url) and _local_path(url) is None:
+        store: Any = zarr.storage.FsspecStore.from_url(url, read_only=False)
+    else:
+        store = _local_path(url) if _is_url(url) else url
+    try:
+        return zarr.create_group(store=store, attributes={HEADER_ATTR: header}, zarr_format=3, overwrite=False)
+    except zarr.errors.ContainsGroupError:
+        return zarr.open_group(store=store, mode="r+", zarr_format=3)
+
+
+def _shards_group(root: zarr.Group) -> zarr.Group:
+    """The ``shards`` group, created if missing (another writer may create it at the same moment)."""
+    try:
+        return root.require_group(SHARDS_GROUP)
+    except zarr.errors.ContainsGroupError:
+        return root[SHARDS_GROUP]
+
+
 def _fs(url: str):
     import fsspec
 
@@ -515,6 +544,24 @@ def _local_path(url: str) -> str | None:
 def store_exists(url: str) -> bool:
     fs, path = _fs(url)
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
+
+
+def _commit_record_path(base: str, shard: str) -> str:
+    return f"{base}/{COMMITS_DIR}/{shard.rsplit('/', 1)[1]}.json"
+
+
+def committed_shards(fs, base: str, header: dict[str, Any]) -> list[str]:
+    """The committed shard paths, in shard order: one per commit record under ``commits/``, plus the
+    header's ``complete_shards`` (a snapshot in stores written since records exist, the whole list in
+    earlier ones). The listing bypasses fsspec's directory cache: other writers add records."""
+    d = f"{base}/{COMMITS_DIR}"
+    fs.invalidate_cache(d)
+    try:
+        names = [str(e).rsplit("/", 1)[1] for e in fs.ls(d, detail=False)]
+    except FileNotFoundError:
+        names = []
+    found = {f"{SHARDS_GROUP}/{n[: -len('.json')]}" for n in names if n.endswith(".json") and n.startswith("s")}
+    return sorted(found | set(header.get("complete_shards", [])), key=shard_index_of)
 
 
 def _compressor(clevel: int = 5, shuffle: str = "bitshuffle") -> BloscCodec:
@@ -610,23 +657,24 @@ class StoreWriter:
                 self.root = root
                 self.header = old
                 return
-        elif fs.exists(self._path) and not overwrite and [e for e in fs.ls(self._path, detail=False) if not str(e).endswith(LOCK_FILE)]:
-            raise StoreError(f"{self.url}: exists and is not a kdship store; refusing to write into it")
-        self.root = _open_root(self.url, "a")
-        header["complete_shards"] = []
+        elif fs.exists(self._path) and not overwrite:
+            fs.invalidate_cache(self._path)
+            entries = [str(e).rsplit("/", 1)[-1] for e in fs.ls(self._path, detail=False)]
+            if "zarr.json" not in entries and [e for e in entries if e != LOCK_FILE]:
+                raise StoreError(f"{self.url}: exists and is not a kdship store; refusing to write into it")
         header["kdship_version"] = __version__
         with self._lock():
-            # another process may have created it first; keep theirs if the settings agree
-            cur = self.root.attrs.get(HEADER_ATTR)
-            if not cur:
-                self.root.attrs[HEADER_ATTR] = header
-            self.root.require_group(SHARDS_GROUP)
+            # another process may create it at the same moment: keep theirs if the settings agree
+            self.root = _create_root(self.url, header)
+            _shards_group(self.root)
         self.header = self._fresh_header()
         diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(self.header, k)) != _canon(_settings_value(header, k))]
         if diff:  # another process created the store first, with other settings
             raise StoreError(f"{self.url}: created concurrently with different settings ({', '.join(diff)})")
 
-    # -- locking: a local lock file; on remote URLs a single writer is assumed -----------------------
+    # -- locking: a local lock file serialises header writes on local disk. Commits need no lock (one
+    # record per shard), and on object stores the header is written only when the store is created
+    # and when it is complete (both idempotent), so concurrent writers there are safe without one.
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
         local = _local_path(self.url)
@@ -645,8 +693,13 @@ class StoreWriter:
         root = _open_root(self.url, "r")
         return dict(root.attrs[HEADER_ATTR])
 
+    @property
+    def is_local(self) -> bool:
+        """A local path or file:// URL (a lock file serialises header and projection writes)."""
+        return _local_path(self.url) is not None
+
     def committed(self) -> list[str]:
-        return list(self._fresh_header().get("complete_shards", []))
+        return committed_shards(self._fs, self._path, self._fresh_header())
 
     def is_committed(self, index: int) -> bool:
         return shard_path(index) in self.committed()
@@ -657,7 +710,7 @@ class StoreWriter:
         path = shard_path(index)
         if path in self.committed():
             raise StoreError(f"{self.url}: shard {path} is already committed")
-        shards = self.root.require_group(SHARDS_GROUP)
+        shards = _shards_group(self.root)
         name = path.split("/", 1)[1]
         if name in shards:  # leftovers of a killed run: never committed, so redo from scratch
             del shards[name]
@@ -683,7 +736,7 @@ class StoreWriter:
         if extra_attrs:
             attrs.update(extra_attrs)
         g.update_attributes(attrs)  # one write of the group's zarr.json, not one per key
-        self._commit(path)
+        self._commit(path, attrs)
 
     def _check_hidden(self, shard: Shard) -> None:
         """A store with hidden states needs them in every shard, with the header's layers and dim."""
@@ -723,15 +776,36 @@ class StoreWriter:
             self._fs.mv(f"{self._path}/{partial}", f"{self._path}/{PROJECTION_GROUP}", recursive=True)
             return self.projection()
 
-    def _commit(self, path: str) -> None:
-        with self._lock():
-            root = _open_root(self.url, "r+")
-            header = dict(root.attrs[HEADER_ATTR])
-            done = set(header.get("complete_shards", []))
-            done.add(path)
-            header["complete_shards"] = sorted(done, key=shard_index_of)
-            root.attrs[HEADER_ATTR] = header  # one atomic write of zarr.json
-            self.header = header
+    def _commit(self, path: str, attrs: dict[str, Any]) -> None:
+        """Write the shard's commit record: one new object, whole or absent (see the module docstring)."""
+        header = self._fresh_header()
+        diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(header, k)) != _canon(_settings_value(self.header, k))]
+        if diff:  # another writer re-created the store with other settings while this shard was written
+            raise StoreSettingsMismatch(f"{self.url}: the store's settings changed while shard {path} was written ({', '.join(diff)}); not committed")
+        record = {"shard": path, "checksum_sha256": attrs["checksum_sha256"], "num_samples": attrs["num_samples"],
+                  "num_positions": attrs["num_positions"], "writer": f"{socket.gethostname()}:{os.getpid()}", "committed_at": time.time()}
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        target = _commit_record_path(self._path, path)
+        local = _local_path(self.url)
+        if local is not None:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.partial{os.getpid()}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        else:
+            self._fs.pipe_file(target, data)  # one PUT: object stores show a whole object or none
+
+    def mark_complete(self, n_shards: int, **fields: Any) -> bool:
+        """If all ``n_shards`` shards are committed, write ``complete`` and the ``complete_shards``
+        snapshot (plus ``fields``) into the header; returns whether the store is complete."""
+        done = self.committed()
+        if len(done) < n_shards:
+            return False
+        self.update_header(complete=True, complete_shards=done, **fields)
+        return True
 
     def update_header(self, **fields: Any) -> None:
         """Set non-settings header fields (e.g. ``complete``, ``summary``) under the lock."""
@@ -807,6 +881,8 @@ class StoreReader:
             raise StoreError(f"{self.url}: no kdship store here (no zarr.json)")
         self.root = _open_root(self.url, "r")
         self.header = _read_header(self.root, self.url)
+        fs, path = _fs(self.url)
+        self._shard_paths = committed_shards(fs, path.rstrip("/"), self.header)
         self.verify = verify
         self.with_hidden = with_hidden  # decode the teacher's hidden states too (hint KD)
         self._verified: set[str] = set()
@@ -825,7 +901,8 @@ class StoreReader:
 
     @property
     def shard_paths(self) -> list[str]:
-        return list(self.header.get("complete_shards", []))
+        """The shards committed when this reader was opened, in shard order."""
+        return list(self._shard_paths)
 
     @property
     def targets(self) -> str:
@@ -839,7 +916,10 @@ class StoreReader:
 
     @property
     def complete(self) -> bool:
-        return bool(self.header.get("complete", False))
+        """Every shard committed: the header says so, or (writers that finished together may each
+        have seen one record short) the records cover all ``num_shards_total`` shards."""
+        total = self.header.get("num_shards_total")
+        return bool(self.header.get("complete", False)) or (bool(total) and len(self._shard_paths) >= int(total))
 
     def shard_attrs(self, path: str) -> dict[str, Any]:
         return dict(self.root[path].attrs)

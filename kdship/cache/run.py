@@ -149,13 +149,14 @@ def cache(
     if header.hidden_states and todo:  # fitted once, before the first shard; a resumed run reads it back
         from kdship.cache.hidden import fit_on_first_rows
 
+        if not writer.is_local and o.shard_index != 0 and writer.projection() is None:
+            # object stores have no lock: two writers fitting at once could each write their own
+            raise CacheError(f"{out}: --hidden-layers on an object store with several writers: run --shard-index 0 first "
+                             "(it writes the projection before its first shard), then the others")
         projection = writer.ensure_projection(lambda: fit_on_first_rows(backend_ref.get(), items, o.hidden_layers, o.hidden_dim))
     stats, reject_counts = _write_shards(o, writer, todo, shard_bounds, items, rejects, backend_ref, header.top_k, teacher_id, projection)
-    committed = set(writer.committed())
-    complete = all(shard_path(s) in committed for s in range(len(shard_bounds)))
     n_rejects = writer.rebuild_rejects()
-    if complete:
-        writer.update_header(complete=True)
+    complete = writer.mark_complete(len(shard_bounds))
     return _summary(o, stats, reject_counts, backend_ref, t_start, header.top_k, n_records, len(shard_bounds), len(todo), len(mine), n_rejects, complete)
 
 
