@@ -56,8 +56,8 @@ def main() -> None:
     if not args.merge_only:
         print("machine:", machine())
         for script in sorted(BENCH.glob("*_*.py")):
-            if script.name == Path(__file__).name:
-                continue
+            if script.name == Path(__file__).name or script.name.startswith("gpu_"):
+                continue  # gpu_*: run on a lent GPU machine by bench/gpu.sh, recorded by gpu_record.py (docs/gpu.md)
             print(f"== {script.name}", flush=True)
             rc = subprocess.call([sys.executable, str(script)], cwd=BENCH.parent)
             if rc != 0:

@@ -26,12 +26,22 @@ A store is a Zarr v3 group (a local folder or an fsspec URL) documented in ``cac
         topk_ids      int32 [T, K]    row j: teacher's top-k ids for token j given tokens < j
         topk_logprobs f32   [T, K]    their log-probabilities, sorted descending; -inf / id -1 pad
         target_weights f32  [T, K]    only in ``targets: sampled`` stores: empirical weight count/N
+        optional, hint KD (``kdship cache --hidden-layers --hidden-dim``):
+        hidden_states int8  [T, L, D] row j: the teacher's hidden state at position j - 1 (the one that
+                                      predicts token j) at each of the header's L layers, projected to D
+        hidden_scales f16   [T, L]    per (row, layer) scale: value = hidden_states * hidden_scales
+      hidden_projection/        with hidden states: mean f32 [L, H], components f32 [L, D, H] (PCA),
+                                variance f32 [L, D] (of each component over the fitted rows)
       rejects.jsonl             rows refused under --skip-bad, rebuilt from committed shards
 
-Crash safety: a shard's arrays are written first, then its checksum (over the *decoded* arrays) is
-stored in the shard group's attributes, and only then is the shard's path appended to the header's
-``complete_shards`` -- one atomic write of the root ``zarr.json`` under a lock file. A shard that is
-not listed does not exist as far as any reader is concerned; the writer deletes and redoes it.
+Commits (crash-safe with any number of writers on any fsspec store, cache/FORMAT.md "Commits"): a
+shard's arrays are written first, then its checksum (over the *decoded* arrays) into the shard
+group's attributes, and only then its commit record ``commits/s000123.json``: one new object, written
+whole (temp + rename on local disk; a single PUT on an object store), never rewritten. The committed
+shards are the records present; nothing is read-modified-written, so concurrent writers cannot lose
+each other's commits. A shard without a record does not exist for any reader; a writer deletes and
+redoes it. The header's ``complete_shards`` is a snapshot written when a writer saw every shard
+committed (older stores: the list itself).
 """
 
 from __future__ import annotations
@@ -41,8 +51,10 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import warnings
 
@@ -62,6 +74,7 @@ HEADER_ATTR = "kdship"
 SHARDS_GROUP = "shards"
 REJECTS_FILE = "rejects.jsonl"
 LOCK_FILE = ".kdship.lock"
+COMMITS_DIR = "commits"
 
 # Fixed array names and dtypes: other tools rely on them (cache/FORMAT.md). Every store has these:
 BASE_ARRAY_DTYPES: dict[str, str] = {
@@ -90,6 +103,13 @@ TARGET_ARRAY_DTYPES: dict[str, dict[str, str]] = {
     "sampled": {"topk_ids": "int32", "topk_logprobs": "float32", "target_weights": "float32"},
 }
 TARGET_KINDS = tuple(TARGET_ARRAY_DTYPES)
+# Optional per-shard arrays of stores with teacher hidden states (hint KD). They have their own
+# checksum (``hidden_checksum_sha256``), so a reader that does not need them never decodes them.
+HIDDEN_ARRAY_DTYPES: dict[str, str] = {"hidden_states": "int8", "hidden_scales": "float16"}
+# ... and the projection they were made with, once per store (root group, written before any shard)
+PROJECTION_GROUP = "hidden_projection"
+PROJECTION_ARRAY_DTYPES: dict[str, str] = {"mean": "float32", "components": "float32", "variance": "float32"}
+HIDDEN_QMAX = 127  # int8 codes in -127..127: symmetric, so 0 stays exactly 0
 ARRAY_DTYPES: dict[str, str] = {**BASE_ARRAY_DTYPES, **TARGET_ARRAY_DTYPES["topk"]}  # a top-k store's arrays
 HASH_BYTES = 16
 NO_TARGET_ID = -1  # with logprob -inf: row 0 of a sample, prompt rows that were not scored
@@ -146,12 +166,16 @@ class StoreHeader:
     shard_positions: int | None = _setting()
     filters: dict[str, Any] | None = _setting()
     encoding: dict[str, Any] | None = field(default=None, metadata={"setting": True})
+    # teacher hidden states (hint KD): layers, dim, the teacher's hidden size, projection and encoding
+    hidden_states: dict[str, Any] | None = field(default=None, metadata={"setting": True})
     num_shards_total: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if d["encoding"] is None:
             del d["encoding"]  # the writer picks the target kind's default
+        if d["hidden_states"] is None:
+            del d["hidden_states"]  # a store without hidden states has the header it always had
         return d
 
 
@@ -206,6 +230,9 @@ class Shard:
     token_logprob: np.ndarray | None = None
     rest_logmass: np.ndarray | None = None
     beyond_logmass: np.ndarray | None = None
+    # teacher hidden states (optional; decoded only by readers that ask for them)
+    hidden_states: np.ndarray | None = None
+    hidden_scales: np.ndarray | None = None
 
     @property
     def targets(self) -> str:
@@ -297,6 +324,9 @@ class Shard:
                 arrays[name] = np.full(len(arrays["tokens"]), -np.inf, np.float32)
                 continue
             arrays[name] = cat(name, dtype, None if name in _ROW_ARRAYS else top_k)
+        if samples and "hidden_states" in samples[0]:  # float32 [L_i, layers, D] per sample, projected
+            hid = np.concatenate([np.asarray(s["hidden_states"], np.float32) for s in samples])
+            arrays["hidden_states"], arrays["hidden_scales"] = quantize_hidden(hid)
         shard = cls(offsets=offsets, sample_index=np.asarray([s["sample_index"] for s in samples], dtype=np.int64), **arrays)
         shard.sample_hash = np.stack([sample_hash(shard.tokens[offsets[i] : offsets[i + 1]]) for i in range(len(samples))]) if samples else np.zeros((0, HASH_BYTES), np.uint8)
         shard.validate(top_k)
@@ -320,6 +350,10 @@ class Shard:
             arr = getattr(self, name)
             if arr is None or tuple(arr.shape) != shape:
                 raise StoreError(f"shard array {name!r} has shape {None if arr is None else tuple(arr.shape)}, expected {shape}")
+        if self.hidden_states is not None:
+            hs, sc = self.hidden_states, self.hidden_scales
+            if hs.ndim != 3 or hs.shape[0] != T or sc is None or tuple(sc.shape) != hs.shape[:2]:
+                raise StoreError(f"shard hidden_states {hs.shape} / hidden_scales {None if sc is None else sc.shape}: expected [{T}, L, D] / [{T}, L]")
         if self.targets == "headtail":
             ids = self.target_ids
             valid = ids >= 0
@@ -345,6 +379,64 @@ def shard_checksum(shard: Shard) -> str:
         h.update(str(arr.shape).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def hidden_checksum(shard: Shard) -> str:
+    """sha256 over the hidden arrays, as ``shard_checksum`` does over the others."""
+    h = hashlib.sha256()
+    for name, dtype in HIDDEN_ARRAY_DTYPES.items():
+        arr = np.ascontiguousarray(getattr(shard, name), dtype=np.dtype(dtype).newbyteorder("<"))
+        h.update(name.encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def quantize_hidden(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [T, L, D] -> int8 codes [T, L, D] and float16 scales [T, L]: each (row, layer) vector
+    scaled by its largest |value| / 127 (cache/FORMAT.md measures this against fp16)."""
+    x = np.asarray(x, np.float32)
+    scale = (np.abs(x).max(-1) / HIDDEN_QMAX).astype(np.float16)
+    s32 = scale.astype(np.float32)[..., None]
+    codes = np.where(s32 > 0, np.rint(x / np.where(s32 > 0, s32, 1.0)), 0.0)
+    return np.clip(codes, -HIDDEN_QMAX, HIDDEN_QMAX).astype(np.int8), scale
+
+
+def dequantize_hidden(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The stored projected hidden states as float32: codes * scale."""
+    return codes.astype(np.float32) * scales.astype(np.float32)[..., None]
+
+
+@dataclass
+class HiddenProjection:
+    """The store's projection of the teacher's hidden states (one per stored layer, PCA).
+
+    ``mean`` [L, H], ``components`` [L, D, H] with orthonormal rows: stored = (h - mean) @ components^T,
+    and h ~ stored @ components + mean (exact up to the encoding when D = H). ``variance`` [L, D]: each
+    component's variance over the rows it was fitted on (the trainer's MSE is relative to its sum).
+    """
+
+    layers: list[int]
+    mean: np.ndarray
+    components: np.ndarray
+    variance: np.ndarray
+
+    def project(self, h: np.ndarray) -> np.ndarray:
+        """[N, L, H] hidden states -> [N, L, D]."""
+        return np.einsum("nlh,ldh->nld", np.asarray(h, np.float32) - self.mean[None], self.components).astype(np.float32)
+
+    def reconstruct(self, y: np.ndarray) -> np.ndarray:
+        """[N, L, D] stored values -> [N, L, H] (the hidden states' part inside the D components)."""
+        return (np.einsum("nld,ldh->nlh", np.asarray(y, np.float32), self.components) + self.mean[None]).astype(np.float32)
+
+
+def read_projection(root: zarr.Group, header: dict[str, Any]) -> HiddenProjection | None:
+    """The projection stored in a store's root group, or None (no hidden states, or not yet written)."""
+    spec = header.get("hidden_states")
+    if not spec or PROJECTION_GROUP not in root:
+        return None
+    g = root[PROJECTION_GROUP]
+    return HiddenProjection(list(spec["layers"]), *(np.asarray(g[name][...], np.float32) for name in PROJECTION_ARRAY_DTYPES))
 
 
 def shard_path(index: int) -> str:
@@ -416,6 +508,28 @@ def _open_root(url: str, mode: str) -> zarr.Group:
     return zarr.open_group(path, mode=mode, zarr_format=3)
 
 
+def _create_root(url: str, header: dict[str, Any]) -> zarr.Group:
+    """Create the root group with its header in one write of ``zarr.json`` (another writer never sees
+    a root without a header); an existing root is opened as it is."""
+    url = str(url)
+    if _is_url(url) and _local_path(url) is None:
+        store: Any = zarr.storage.FsspecStore.from_url(url, read_only=False)
+    else:
+        store = _local_path(url) if _is_url(url) else url
+    try:
+        return zarr.create_group(store=store, attributes={HEADER_ATTR: header}, zarr_format=3, overwrite=False)
+    except zarr.errors.ContainsGroupError:
+        return zarr.open_group(store=store, mode="r+", zarr_format=3)
+
+
+def _shards_group(root: zarr.Group) -> zarr.Group:
+    """The ``shards`` group, created if missing (another writer may create it at the same moment)."""
+    try:
+        return root.require_group(SHARDS_GROUP)
+    except zarr.errors.ContainsGroupError:
+        return root[SHARDS_GROUP]
+
+
 def _fs(url: str):
     import fsspec
 
@@ -430,6 +544,24 @@ def _local_path(url: str) -> str | None:
 def store_exists(url: str) -> bool:
     fs, path = _fs(url)
     return fs.exists(f"{path.rstrip('/')}/zarr.json")
+
+
+def _commit_record_path(base: str, shard: str) -> str:
+    return f"{base}/{COMMITS_DIR}/{shard.rsplit('/', 1)[1]}.json"
+
+
+def committed_shards(fs, base: str, header: dict[str, Any]) -> list[str]:
+    """The committed shard paths, in shard order: one per commit record under ``commits/``, plus the
+    header's ``complete_shards`` (a snapshot in stores written since records exist, the whole list in
+    earlier ones). The listing bypasses fsspec's directory cache: other writers add records."""
+    d = f"{base}/{COMMITS_DIR}"
+    fs.invalidate_cache(d)
+    try:
+        names = [str(e).rsplit("/", 1)[1] for e in fs.ls(d, detail=False)]
+    except FileNotFoundError:
+        names = []
+    found = {f"{SHARDS_GROUP}/{n[: -len('.json')]}" for n in names if n.endswith(".json") and n.startswith("s")}
+    return sorted(found | set(header.get("complete_shards", [])), key=shard_index_of)
 
 
 def _compressor(clevel: int = 5, shuffle: str = "bitshuffle") -> BloscCodec:
@@ -525,23 +657,24 @@ class StoreWriter:
                 self.root = root
                 self.header = old
                 return
-        elif fs.exists(self._path) and not overwrite and [e for e in fs.ls(self._path, detail=False) if not str(e).endswith(LOCK_FILE)]:
-            raise StoreError(f"{self.url}: exists and is not a kdship store; refusing to write into it")
-        self.root = _open_root(self.url, "a")
-        header["complete_shards"] = []
+        elif fs.exists(self._path) and not overwrite:
+            fs.invalidate_cache(self._path)
+            entries = [str(e).rsplit("/", 1)[-1] for e in fs.ls(self._path, detail=False)]
+            if "zarr.json" not in entries and [e for e in entries if e != LOCK_FILE]:
+                raise StoreError(f"{self.url}: exists and is not a kdship store; refusing to write into it")
         header["kdship_version"] = __version__
         with self._lock():
-            # another process may have created it first; keep theirs if the settings agree
-            cur = self.root.attrs.get(HEADER_ATTR)
-            if not cur:
-                self.root.attrs[HEADER_ATTR] = header
-            self.root.require_group(SHARDS_GROUP)
+            # another process may create it at the same moment: keep theirs if the settings agree
+            self.root = _create_root(self.url, header)
+            _shards_group(self.root)
         self.header = self._fresh_header()
         diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(self.header, k)) != _canon(_settings_value(header, k))]
         if diff:  # another process created the store first, with other settings
             raise StoreError(f"{self.url}: created concurrently with different settings ({', '.join(diff)})")
 
-    # -- locking: a local lock file; on remote URLs a single writer is assumed -----------------------
+    # -- locking: a local lock file serialises header writes on local disk. Commits need no lock (one
+    # record per shard), and on object stores the header is written only when the store is created
+    # and when it is complete (both idempotent), so concurrent writers there are safe without one.
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
         local = _local_path(self.url)
@@ -560,8 +693,13 @@ class StoreWriter:
         root = _open_root(self.url, "r")
         return dict(root.attrs[HEADER_ATTR])
 
+    @property
+    def is_local(self) -> bool:
+        """A local path or file:// URL (a lock file serialises header and projection writes)."""
+        return _local_path(self.url) is not None
+
     def committed(self) -> list[str]:
-        return list(self._fresh_header().get("complete_shards", []))
+        return committed_shards(self._fs, self._path, self._fresh_header())
 
     def is_committed(self, index: int) -> bool:
         return shard_path(index) in self.committed()
@@ -572,50 +710,102 @@ class StoreWriter:
         path = shard_path(index)
         if path in self.committed():
             raise StoreError(f"{self.url}: shard {path} is already committed")
-        shards = self.root.require_group(SHARDS_GROUP)
+        shards = _shards_group(self.root)
         name = path.split("/", 1)[1]
         if name in shards:  # leftovers of a killed run: never committed, so redo from scratch
             del shards[name]
+        self._check_hidden(shard)
         g = shards.create_group(name)
         for arr_name, dtype in shard.stored_arrays().items():
             data, dtype = encode_for_write(arr_name, np.asarray(getattr(shard, arr_name), dtype=dtype), self.encoding)
-            chunks = (CHUNK_POSITIONS,) + data.shape[1:] if data.ndim else data.shape
-            chunks = tuple(max(1, c) for c in chunks)
-            n_chunks = max(1, -(-data.shape[0] // chunks[0]))
-            shards_shape = (n_chunks * chunks[0],) + chunks[1:]
-            a = g.create_array(
-                arr_name,
-                shape=data.shape,
-                dtype=dtype,
-                chunks=chunks,
-                shards=shards_shape,
-                fill_value=0,
-                **_array_codec_kwargs(arr_name, self.encoding, dtype),
-            )
-            if data.size:
-                a[...] = data
+            _write_array(g, arr_name, data, **_array_codec_kwargs(arr_name, self.encoding, dtype))
+        if shard.hidden_states is not None:
+            clevel = int(self.header["hidden_states"]["encoding"].get("clevel", 5))
+            for arr_name, dtype in HIDDEN_ARRAY_DTYPES.items():
+                _write_array(g, arr_name, np.asarray(getattr(shard, arr_name), dtype=dtype), compressors=[_compressor(clevel)])
         # checksum over what a reader will decode (the logprob encoding is lossy)
-        decoded = read_shard_arrays(g)
+        decoded = read_shard_arrays(g, with_hidden=shard.hidden_states is not None)
         attrs = {
             "checksum_sha256": shard_checksum(decoded),
             "num_samples": shard.num_samples,
             "num_positions": shard.num_positions,
             "rejects": list(rejects or []),
         }
+        if shard.hidden_states is not None:
+            attrs["hidden_checksum_sha256"] = hidden_checksum(decoded)
         if extra_attrs:
             attrs.update(extra_attrs)
         g.update_attributes(attrs)  # one write of the group's zarr.json, not one per key
-        self._commit(path)
+        self._commit(path, attrs)
 
-    def _commit(self, path: str) -> None:
+    def _check_hidden(self, shard: Shard) -> None:
+        """A store with hidden states needs them in every shard, with the header's layers and dim."""
+        spec = self.header.get("hidden_states")
+        if spec is None and shard.hidden_states is not None:
+            raise StoreError(f"{self.url}: the shard has hidden states but the store's header declares none")
+        if spec is not None:
+            want = (len(spec["layers"]), int(spec["dim"]))
+            if shard.hidden_states is None and shard.num_positions == 0:  # every sample rejected: nothing to hold
+                shard.hidden_states, shard.hidden_scales = np.zeros((0,) + want, np.int8), np.zeros((0, want[0]), np.float16)
+            got = None if shard.hidden_states is None else tuple(shard.hidden_states.shape[1:])
+            if got != want:
+                raise StoreError(f"{self.url}: shard hidden states of shape [T, *{got}], the header declares [T, *{want}] (layers, dim)")
+
+    def projection(self) -> HiddenProjection | None:
+        return read_projection(_open_root(self.url, "r"), self.header)
+
+    def ensure_projection(self, fit: "Callable[[], HiddenProjection]") -> HiddenProjection:
+        """The store's projection: the stored one (a resumed run, another process), or ``fit()``
+        written once, under the lock, before any shard uses it; every shard uses the same one."""
         with self._lock():
+            stored = self.projection()
+            if stored is not None:
+                return stored
+            proj = fit()
+            spec = self.header["hidden_states"]
+            want = (len(spec["layers"]), int(spec["dim"]), int(spec["hidden_size"]))
+            if proj.components.shape != want or proj.mean.shape != want[::2]:
+                raise StoreError(f"{self.url}: projection of shape {proj.components.shape}, the header declares {want} (layers, dim, hidden size)")
             root = _open_root(self.url, "r+")
-            header = dict(root.attrs[HEADER_ATTR])
-            done = set(header.get("complete_shards", []))
-            done.add(path)
-            header["complete_shards"] = sorted(done, key=shard_index_of)
-            root.attrs[HEADER_ATTR] = header  # one atomic write of zarr.json
-            self.header = header
+            partial = f"{PROJECTION_GROUP}.partial"  # written, then renamed: no half projection is ever read
+            if partial in root:
+                del root[partial]
+            g = root.create_group(partial)
+            for name, dtype in PROJECTION_ARRAY_DTYPES.items():
+                _write_array(g, name, np.asarray(getattr(proj, name), dtype=dtype), chunk_rows=len(proj.layers), compressors=[_compressor()])
+            self._fs.mv(f"{self._path}/{partial}", f"{self._path}/{PROJECTION_GROUP}", recursive=True)
+            return self.projection()
+
+    def _commit(self, path: str, attrs: dict[str, Any]) -> None:
+        """Write the shard's commit record: one new object, whole or absent (see the module docstring)."""
+        header = self._fresh_header()
+        diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(header, k)) != _canon(_settings_value(self.header, k))]
+        if diff:  # another writer re-created the store with other settings while this shard was written
+            raise StoreSettingsMismatch(f"{self.url}: the store's settings changed while shard {path} was written ({', '.join(diff)}); not committed")
+        record = {"shard": path, "checksum_sha256": attrs["checksum_sha256"], "num_samples": attrs["num_samples"],
+                  "num_positions": attrs["num_positions"], "writer": f"{socket.gethostname()}:{os.getpid()}", "committed_at": time.time()}
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        target = _commit_record_path(self._path, path)
+        local = _local_path(self.url)
+        if local is not None:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.partial{os.getpid()}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        else:
+            self._fs.pipe_file(target, data)  # one PUT: object stores show a whole object or none
+
+    def mark_complete(self, n_shards: int, **fields: Any) -> bool:
+        """If all ``n_shards`` shards are committed, write ``complete`` and the ``complete_shards``
+        snapshot (plus ``fields``) into the header; returns whether the store is complete."""
+        done = self.committed()
+        if len(done) < n_shards:
+            return False
+        self.update_header(complete=True, complete_shards=done, **fields)
+        return True
 
     def update_header(self, **fields: Any) -> None:
         """Set non-settings header fields (e.g. ``complete``, ``summary``) under the lock."""
@@ -660,10 +850,24 @@ def _canon(v: Any) -> str:
 # Reader
 
 
-def read_shard_arrays(g: zarr.Group) -> Shard:
-    """A shard group's stored arrays, decoded (the kind is told by which target arrays exist)."""
+def _write_array(g: zarr.Group, name: str, data: np.ndarray, chunk_rows: int = CHUNK_POSITIONS, **codecs: Any) -> None:
+    """One array of a group: ``chunk_rows`` rows per chunk, all chunks in one zarr shard file."""
+    chunks = (chunk_rows,) + data.shape[1:] if data.ndim else data.shape
+    chunks = tuple(max(1, c) for c in chunks)
+    n_chunks = max(1, -(-data.shape[0] // chunks[0]))
+    shards_shape = (n_chunks * chunks[0],) + chunks[1:]
+    a = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards_shape, fill_value=0, **codecs)
+    if data.size:
+        a[...] = data
+
+
+def read_shard_arrays(g: zarr.Group, with_hidden: bool = False) -> Shard:
+    """A shard group's stored arrays, decoded (the kind is told by which target arrays exist); the
+    hidden states too when ``with_hidden`` and the shard has them."""
     kind = "headtail" if "target_ids" in g else ("sampled" if "target_weights" in g else "topk")
     names = {**BASE_ARRAY_DTYPES, **TARGET_ARRAY_DTYPES[kind]}
+    if with_hidden and "hidden_states" in g:
+        names.update(HIDDEN_ARRAY_DTYPES)
     return Shard(**{name: decode_after_read(name, np.asarray(g[name][...])) for name in names})
 
 
@@ -671,14 +875,25 @@ class StoreReader:
     """Reads committed shards only. ``verify`` checks each shard's checksum the first time this reader
     reads it (committed shards are immutable; later epochs skip the ~30 % the sha256 costs)."""
 
-    def __init__(self, url: str, verify: bool = True):
+    def __init__(self, url: str, verify: bool = True, with_hidden: bool = False):
         self.url = str(url)
         if not store_exists(self.url):
             raise StoreError(f"{self.url}: no kdship store here (no zarr.json)")
         self.root = _open_root(self.url, "r")
         self.header = _read_header(self.root, self.url)
+        fs, path = _fs(self.url)
+        self._shard_paths = committed_shards(fs, path.rstrip("/"), self.header)
         self.verify = verify
+        self.with_hidden = with_hidden  # decode the teacher's hidden states too (hint KD)
         self._verified: set[str] = set()
+
+    @property
+    def hidden_states(self) -> dict[str, Any] | None:
+        """The header's ``hidden_states`` spec (layers, dim, ...), or None: the store has none."""
+        return self.header.get("hidden_states")
+
+    def projection(self) -> HiddenProjection | None:
+        return read_projection(self.root, self.header)
 
     @property
     def top_k(self) -> int:
@@ -686,7 +901,8 @@ class StoreReader:
 
     @property
     def shard_paths(self) -> list[str]:
-        return list(self.header.get("complete_shards", []))
+        """The shards committed when this reader was opened, in shard order."""
+        return list(self._shard_paths)
 
     @property
     def targets(self) -> str:
@@ -700,7 +916,10 @@ class StoreReader:
 
     @property
     def complete(self) -> bool:
-        return bool(self.header.get("complete", False))
+        """Every shard committed: the header says so, or (writers that finished together may each
+        have seen one record short) the records cover all ``num_shards_total`` shards."""
+        total = self.header.get("num_shards_total")
+        return bool(self.header.get("complete", False)) or (bool(total) and len(self._shard_paths) >= int(total))
 
     def shard_attrs(self, path: str) -> dict[str, Any]:
         return dict(self.root[path].attrs)
@@ -709,12 +928,13 @@ class StoreReader:
         if path not in self.shard_paths:
             raise StoreError(f"{self.url}: shard {path} is not committed")
         g = self.root[path]
-        shard = read_shard_arrays(g)
+        shard = read_shard_arrays(g, with_hidden=self.with_hidden)
         if self.verify and path not in self._verified:
-            want = g.attrs.get("checksum_sha256")
-            got = shard_checksum(shard)
-            if want != got:
-                raise StoreError(f"{self.url}: shard {path} fails its checksum (stored {want}, computed {got}); the store is corrupt")
+            checks = [("checksum_sha256", shard_checksum)] + ([("hidden_checksum_sha256", hidden_checksum)] if shard.hidden_states is not None else [])
+            for attr, checksum in checks:
+                want, got = g.attrs.get(attr), checksum(shard)
+                if want != got:
+                    raise StoreError(f"{self.url}: shard {path} fails its {attr} (stored {want}, computed {got}); the store is corrupt")
             self._verified.add(path)
         if shard.targets == "headtail":
             shard.headtail_view()

@@ -219,7 +219,7 @@ def test_format_md_example_reads_a_store_without_kdship(hf_store, tmp_path):
     code = re.search(r"## Reading a store without kdship\s+```python\n(.*?)```", md, re.S).group(1)
     assert "kdship" not in "".join(line for line in code.splitlines() if "import" in line)
     out, _ = hf_store
-    code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(len(hdr['complete_shards']), ids.shape)\n"
+    code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(len(committed), ids.shape)\n"
     # -I: isolated mode, so the repository (and kdship) is not importable from the cwd
     res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -89,11 +89,11 @@ def test_raw_zarr_reads_the_store(ht_store):
     """Standard codecs only: zarr alone decodes ids (ascending, uint16 + 65535 padding) and logprobs."""
     out, _ = ht_store
     root = zarr.open_group(str(out), mode="r")
-    hdr = root.attrs[HEADER_ATTR]
-    g = root[hdr["complete_shards"][0]]
+    first = StoreReader(str(out)).shard_paths[0]
+    g = root[first]
     ids, lps = g["target_ids"][:], g["target_logprobs"][:]
     assert ids.dtype == np.uint16 and lps.dtype == np.float32
-    sh = StoreReader(str(out)).read_shard(hdr["complete_shards"][0])
+    sh = StoreReader(str(out)).read_shard(first)
     np.testing.assert_array_equal(np.where(ids == 65535, -1, ids.astype(np.int64)), sh.target_ids)
     np.testing.assert_array_equal(lps, sh.target_logprobs)
 
@@ -112,12 +112,15 @@ def test_resume_redoes_an_uncommitted_shard_bit_identically(ht_store, tmp_path, 
     out, _ = ht_store
     copy = tmp_path / "copy"
     cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
-    # a crash after shard 2's arrays were written but before its commit: drop it from the header
+    # a crash after shard 2's arrays were written but before its commit record (so before the
+    # completion snapshot too): remove the record, and the header back to its state before completion
     root = zarr.open_group(str(copy), mode="r+")
     hdr = dict(root.attrs[HEADER_ATTR])
-    lost = hdr["complete_shards"].pop(2)
+    lost = hdr.pop("complete_shards")[2]
     hdr["complete"] = False
     root.attrs[HEADER_ATTR] = hdr
+    (copy / "commits" / (lost.split("/")[1] + ".json")).unlink()
+    assert lost not in StoreReader(str(copy)).shard_paths
     s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
     assert s["shards_written"] == 1 and s["shards_skipped"] == 3 and s["complete"]
     a, b = StoreReader(str(out)), StoreReader(str(copy))

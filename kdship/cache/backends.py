@@ -36,6 +36,8 @@ class TeacherBackend:
     """Base class. ``k`` is the number of targets per row the backend really returns."""
 
     name: str = "base"
+    # whether ``hidden_states`` works (hint KD): vLLM's and OpenAI's APIs return no hidden states
+    supports_hidden_states: bool = False
 
     def vocab_size(self) -> int:
         raise NotImplementedError
@@ -58,6 +60,11 @@ class TeacherBackend:
     ) -> list[list[Generation]]:
         """``samples`` continuations per prompt; ``seeds[i]`` makes prompt i's draws reproducible."""
         raise NotImplementedError
+
+    def hidden_states(self, sequences: list[list[int]], layers: list[int]) -> list[np.ndarray]:
+        """Teacher-forced hidden states: per sequence float32 [L, len(layers), H], position i after
+        tokens 0..i; ``layers`` index transformers' ``output_hidden_states`` tuple (0 = embeddings)."""
+        raise NotImplementedError(f"the {self.name} backend returns no hidden states")
 
     def close(self) -> None:
         pass

@@ -47,6 +47,8 @@ def cache_command(
     dedupe: Optional[bool] = typer.Option(None, "--dedupe", help="generate: reject exact duplicate responses of a prompt."),
     require_finished: Optional[bool] = typer.Option(None, "--require-finished", help="generate: reject responses cut off at --max-new-tokens."),
     split: Optional[str] = typer.Option(None, help="Split of a DatasetDict folder (default train)."),
+    hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Hint KD, --backend hf only: also store the teacher's hidden states at these layers, e.g. 4,8 (transformers' output_hidden_states index: 0 = embeddings, i = after block i), projected by PCA to --hidden-dim."),
+    hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="With --hidden-layers: dimensions kept per layer (PCA fitted on the first rows, stored in the store; at most the teacher's hidden size)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -62,6 +64,7 @@ def cache_command(
         overflow=overflow, shard_size=shard_size, shard_positions=shard_positions, resume=resume, overwrite=overwrite, skip_bad=skip_bad, num_shards=num_shards,
         shard_index=shard_index, tensor_parallel_size=tensor_parallel_size, filter=filter, min_new_tokens=min_new_tokens,
         max_response_tokens=max_response_tokens, dedupe=dedupe, require_finished=require_finished, split=split,
+        hidden_layers=hidden_layers, hidden_dim=hidden_dim,
     )
     try:
         cfg = resolve(dict(DEFAULTS), config, flags)

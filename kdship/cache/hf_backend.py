@@ -14,6 +14,7 @@ from kdship.cache.backends import Generation, TeacherBackend
 
 class HFBackend(TeacherBackend):
     name = "hf"
+    supports_hidden_states = True
 
     def __init__(self, model_dir: str, device: str | None = None, dtype: str = "auto", max_logit_elems: int = 64 << 20, eos_token_ids: list[int] | None = None):
         import torch
@@ -33,8 +34,8 @@ class HFBackend(TeacherBackend):
     def vocab_size(self) -> int:
         return self._vocab
 
-    def _logprobs(self, batch: list[list[int]]):
-        """[B, Lmax, V] float32 log-softmax for right-padded sequences."""
+    def _padded(self, batch: list[list[int]]):
+        """Right-padded input ids and attention mask on the device."""
         torch = self.torch
         L = max(len(s) for s in batch)
         ids = torch.zeros((len(batch), L), dtype=torch.long)
@@ -42,9 +43,34 @@ class HFBackend(TeacherBackend):
         for i, s in enumerate(batch):
             ids[i, : len(s)] = torch.as_tensor(s)
             att[i, : len(s)] = 1
-        with torch.no_grad():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits
-        return torch.log_softmax(logits.float(), dim=-1)
+        return ids.to(self.device), att.to(self.device)
+
+    def _logprobs(self, batch: list[list[int]]):
+        """[B, Lmax, V] float32 log-softmax for right-padded sequences."""
+        ids, att = self._padded(batch)
+        with self.torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=att).logits
+        return self.torch.log_softmax(logits.float(), dim=-1)
+
+    def hidden_states(self, sequences, layers, max_tokens: int = 16384):
+        """The decoder alone (no lm_head), ~``max_tokens`` padded tokens per forward."""
+        decoder = getattr(self.model, self.model.base_model_prefix)
+        out: list = [None] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and (j - i + 1) * len(sequences[order[j]]) <= max_tokens:
+                j += 1
+            idx = order[i:j]
+            ids, att = self._padded([list(map(int, sequences[t])) for t in idx])
+            with self.torch.no_grad():
+                hs = decoder(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+            picked = self.torch.stack([hs[layer].float() for layer in layers], 2).cpu().numpy()  # [B, L, layers, H]
+            for b, t in enumerate(idx):
+                out[t] = picked[b, : len(sequences[t])]
+            i = j
+        return out
 
     def score(self, sequences, top_k, with_token_logprobs=False):
         torch = self.torch

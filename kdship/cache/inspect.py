@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from kdship.store import REST_FLOOR, StoreReader, _fs
+from kdship.store import HIDDEN_ARRAY_DTYPES, PROJECTION_GROUP, REST_FLOOR, StoreReader, _fs
 
 # Below this many positions per shard a reader's fixed per-shard cost (~12 ms of zarr CPU) dominates
 # decoding: the trainer's loader then runs at a fraction of its rate (bench/RESULTS.md, train).
@@ -14,7 +14,7 @@ SMALL_SHARD_POSITIONS = 16384
 
 
 def _store_bytes(url: str) -> dict[str, int]:
-    """Bytes on disk of the committed shards' arrays, per array name."""
+    """Bytes on disk of the committed shards' arrays, per array name (+ the hint projection's group)."""
     fs, path = _fs(url)
     out: dict[str, int] = {}
     reader = StoreReader(url, verify=False)
@@ -24,6 +24,9 @@ def _store_bytes(url: str) -> dict[str, int]:
             rel = f[len(base) + 1 :]
             name = rel.split("/", 1)[0]
             out[name] = out.get(name, 0) + int(info.get("size", 0))
+    proj = f"{path.rstrip('/')}/{PROJECTION_GROUP}"
+    if reader.hidden_states and fs.exists(proj):  # the hint projection: once per store
+        out[PROJECTION_GROUP] = sum(int(i.get("size", 0)) for i in fs.find(proj, detail=True).values())
     return out
 
 
@@ -85,6 +88,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
         }
     return {
         "store": str(url),
+        "hidden_states": _hidden_summary(h, nbytes, positions),
         "format_version": h.get("format_version"),
         "mode": h.get("mode"),
         "targets": h.get("targets", "topk"),
@@ -112,6 +116,20 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
         "rejects": len(rejects),
         "rejects_by_reason": reasons,
         "kdship_version": h.get("kdship_version"),
+    }
+
+
+def _hidden_summary(header: dict[str, Any], nbytes: dict[str, int], positions: int) -> dict[str, Any] | None:
+    """The teacher hidden states a hint-KD store holds: layers, dim, encoding, bytes per position."""
+    spec = header.get("hidden_states")
+    if not spec:
+        return None
+    arrays = [n for n in HIDDEN_ARRAY_DTYPES if n in nbytes]
+    b = sum(nbytes[n] for n in arrays)
+    return {
+        "layers": spec["layers"], "dim": spec["dim"], "hidden_size": spec["hidden_size"], "encoding": spec["encoding"]["dtype"],
+        "arrays": arrays, "bytes_per_position": round(b / positions, 2) if positions else None,
+        "projection_bytes": nbytes.get(PROJECTION_GROUP, 0),
     }
 
 
@@ -144,6 +162,13 @@ def format_report(info: dict[str, Any]) -> str:
             f"headtail         exact head+token mass {ht['mean_exact_mass']}, rest mass {ht['mean_rest_mass']} "
             f"estimated by {ht['mean_distinct_draws']} distinct of {ht['draws']} draws, {ht['mean_beyond_mass']} of it beyond the "
             f"backend's candidates (never drawn: one bucket); max |sum of weights + beyond - 1| {ht['max_weight_sum_error']}",
+        )
+    hs = info.get("hidden_states")
+    if hs:
+        lines.insert(
+            5,
+            f"hidden states    layers {hs['layers']} projected {hs['hidden_size']} -> {hs['dim']} (PCA), {hs['encoding']}: "
+            f"{hs['bytes_per_position']} bytes/position ({' + '.join(hs['arrays'])}), projection {hs['projection_bytes']} bytes",
         )
     if info.get("sampling"):
         lines.insert(2, f"sampling         {info['sampling']}")

@@ -119,6 +119,8 @@ def cache(
     require_finished: bool = False,
     sampled_candidates: int = 1024,
     split: str | None = None,
+    hidden_layers: str | list[int] | None = None,
+    hidden_dim: int | None = None,
     progress: bool = True,
     teacher_backend=None,
 ) -> dict[str, Any]:
@@ -143,12 +145,18 @@ def cache(
     committed = set(writer.committed())
     mine = [s for s in range(len(shard_bounds)) if s % num_shards == shard_index]
     todo = [s for s in mine if shard_path(s) not in committed]
-    stats, reject_counts = _write_shards(o, writer, todo, shard_bounds, items, rejects, backend_ref, header.top_k, teacher_id)
-    committed = set(writer.committed())
-    complete = all(shard_path(s) in committed for s in range(len(shard_bounds)))
+    projection = None
+    if header.hidden_states and todo:  # fitted once, before the first shard; a resumed run reads it back
+        from kdship.cache.hidden import fit_on_first_rows
+
+        if not writer.is_local and o.shard_index != 0 and writer.projection() is None:
+            # object stores have no lock: two writers fitting at once could each write their own
+            raise CacheError(f"{out}: --hidden-layers on an object store with several writers: run --shard-index 0 first "
+                             "(it writes the projection before its first shard), then the others")
+        projection = writer.ensure_projection(lambda: fit_on_first_rows(backend_ref.get(), items, o.hidden_layers, o.hidden_dim))
+    stats, reject_counts = _write_shards(o, writer, todo, shard_bounds, items, rejects, backend_ref, header.top_k, teacher_id, projection)
     n_rejects = writer.rebuild_rejects()
-    if complete:
-        writer.update_header(complete=True)
+    complete = writer.mark_complete(len(shard_bounds))
     return _summary(o, stats, reject_counts, backend_ref, t_start, header.top_k, n_records, len(shard_bounds), len(todo), len(mine), n_rejects, complete)
 
 
@@ -192,6 +200,8 @@ class _Options:
     require_finished: bool
     sampled_candidates: int
     split: str | None
+    hidden_layers: Any  # "4,8" or [4, 8]; a list after _check_options
+    hidden_dim: int | None
     progress: bool
     teacher_backend: Any
 
@@ -247,6 +257,26 @@ def _check_options(o: _Options) -> None:
         raise CacheError("--backend openai needs --teacher-url URL")
     if o.backend == "openai" and o.targets != "topk":
         raise CacheError(f"--targets {o.targets} needs the teacher's distribution; use --backend vllm or hf, or --targets topk")
+    _check_hidden_options(o)
+
+
+def _check_hidden_options(o: _Options) -> None:
+    """--hidden-layers / --hidden-dim: both or neither, and a backend that can return hidden states
+    (refused here, before any engine is built)."""
+    from kdship.cache.hidden import HiddenStatesError, parse_layers
+
+    try:
+        o.hidden_layers = parse_layers(o.hidden_layers)
+    except HiddenStatesError as e:
+        raise CacheError(str(e)) from None
+    if (o.hidden_layers is None) != (o.hidden_dim is None):
+        raise CacheError("--hidden-layers and --hidden-dim go together (the layers to store and the dimension to project them to)")
+    if o.hidden_layers is None:
+        return
+    no_hidden = o.backend != "hf" if o.teacher_backend is None else not getattr(o.teacher_backend, "supports_hidden_states", False)
+    if no_hidden:
+        why = "vLLM's API returns logprobs, not hidden states" if o.backend == "vllm" else "an OpenAI-compatible API returns no hidden states"
+        raise CacheError(f"--hidden-layers needs --backend hf (a transformers forward): {why}")
 
 
 def _identify_teacher(o: _Options) -> _Teacher:
@@ -355,7 +385,19 @@ def _store_header(o: _Options, t: _Teacher, n_records: int, n_total_shards: int)
             else None
         ),
         num_shards_total=n_total_shards,
+        hidden_states=_hidden_header(o),
     )
+
+
+def _hidden_header(o: _Options) -> dict[str, Any] | None:
+    from kdship.cache.hidden import HiddenStatesError, hidden_spec
+
+    if o.hidden_layers is None:
+        return None
+    try:
+        return hidden_spec(o.teacher, o.hidden_layers, int(o.hidden_dim))
+    except HiddenStatesError as e:
+        raise CacheError(str(e)) from None
 
 
 class _LazyBackend:
@@ -383,8 +425,9 @@ class _LazyBackend:
         return self.backend.seconds if isinstance(self.backend, _TimedBackend) else 0.0
 
 
-def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backend_ref: _LazyBackend, k_store: int, t: _Teacher):
-    """Teacher targets for every shard in ``todo``, each written and committed before the next."""
+def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backend_ref: _LazyBackend, k_store: int, t: _Teacher, projection=None):
+    """Teacher targets (and, with ``projection``, projected hidden states) for every shard in ``todo``,
+    each written and committed before the next."""
     stats = {"samples": 0, "positions": 0, "targeted_positions": 0, "generated_tokens": 0, "teacher_seconds": 0.0, "missing_mass_sum": 0.0, "target_rows": 0}
     reject_counts: dict[str, int] = {}
     filter_fn = _load_filter() if o.mode == "generate" and o.generation_filters else None
@@ -406,6 +449,10 @@ def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backe
                         filter_fn, o.filter, o.min_new_tokens, o.max_response_tokens, o.dedupe, o.require_finished, o.draws,
                     )
                     shard_rejects += frej
+                if projection is not None:
+                    from kdship.cache.hidden import attach_hidden_states
+
+                    attach_hidden_states(be, samples_out, projection)
             stats["teacher_seconds"] += time.time() - t0
             shard = Shard.build(samples_out, writer.top_k, targets=o.targets)
             writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})

@@ -45,6 +45,9 @@ def train_command(
     workers: Optional[int] = typer.Option(None, "--workers", help=with_default("Shard-decoding threads.", DEFAULTS, "workers")),
     shuffle_shards: Optional[int] = typer.Option(None, "--shuffle-shards", help=with_default("Shards mixed together by the shuffle.", DEFAULTS, "shuffle_shards")),
     logit_chunk: Optional[int] = typer.Option(None, "--logit-chunk", help="Rows per lm_head chunk (default: ~8M logits per chunk)."),
+    hint_weight: Optional[float] = typer.Option(None, "--hint-weight", help=with_default("Hint (feature) KD: add W x the hint loss between the student's hidden states (through learned linear maps) and the teacher's stored ones; needs a store cached with --hidden-layers. 0 = off.", DEFAULTS, "hint_weight")),
+    hint_map: Optional[str] = typer.Option(None, "--hint-map", help="Student:teacher layer pairs, e.g. 1:4,2:8 (0 = embeddings, i = after block i; teacher layers the store holds). Default: each stored teacher layer t with student layer floor(t * S / T + 1/2)."),
+    hint_loss: Optional[str] = typer.Option(None, "--hint-loss", help=with_default("mse (relative to the stored layer's variance) | cosine.", DEFAULTS, "hint_loss")),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events (if installed)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help=with_default("Steps per tokens/s window.", DEFAULTS, "log_every")),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar. Default on."),
@@ -97,5 +100,5 @@ _OPTION_NAMES = {
     "init_from_config", "online_teacher", "layers", "hidden", "loss", "tail", "temperature", "ce_weight", "beta", "alpha", "average",
     "max_steps", "epochs", "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_tokens", "seed", "heldout_fraction",
     "eval_samples", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "overwrite", "stop_after", "fsdp", "workers",
-    "shuffle_shards", "logit_chunk", "tensorboard", "log_every", "progress",
+    "shuffle_shards", "logit_chunk", "tensorboard", "log_every", "progress", "hint_weight", "hint_map", "hint_loss",
 }

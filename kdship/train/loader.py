@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kdship.heldout import DEFAULT_HELDOUT_FRACTION, heldout_mask
-from kdship.store import StoreReader
+from kdship.store import StoreReader, dequantize_hidden
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Rows:
     target_weights: torch.Tensor | None  # [N, K] float32 (sampled stores) or None
     targets: torch.Tensor  # [N] int64, the data token of each row
     row_weight: torch.Tensor  # [N] float32, averaging weights; they sum to 1 over the global batch
+    hint_targets: torch.Tensor | None = None  # [N, L, D] float32, the teacher's projected hidden states (hint KD)
 
     def to(self, device) -> "Rows":
         return Rows(**{k: (None if v is None else v.to(device, non_blocking=True)) for k, v in self.__dict__.items()})
@@ -139,6 +140,9 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
     tg = np.empty(N, np.int32)
     has_tw = any(s.src.target_weights is not None for s in placed)
     tws = np.zeros((N, K), np.float32) if has_tw else None
+    # hint KD: only when the loader decoded the hidden arrays (StoreLoader(with_hidden=True))
+    hid_shape = placed[0].src.hidden_states.shape[1:] if placed and placed[0].src.hidden_states is not None else None
+    hint = np.empty((N,) + hid_shape, np.float32) if hid_shape else None
     for src in {id(s.src): s.src for s in placed}.values():
         m = src_of == id(src)
         at_src = absolute[m]
@@ -147,6 +151,8 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
         tg[m] = src.tokens[at_src]
         if has_tw and src.target_weights is not None:
             tws[m] = src.target_weights[at_src]
+        if hint is not None:
+            hint[m] = dequantize_hidden(src.hidden_states[at_src], src.hidden_scales[at_src])
     per_sample = np.full(len(counts), 1.0 / global_rows) if average == "token" else 1.0 / (np.maximum(counts, 1) * global_samples)
     rows = Rows(
         topk_ids=torch.from_numpy(ids.astype(np.int64)),
@@ -154,6 +160,7 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
         target_weights=torch.from_numpy(tws) if has_tw else None,
         targets=torch.from_numpy(tg.astype(np.int64)),
         row_weight=torch.from_numpy(np.repeat(per_sample, counts).astype(np.float32)),
+        hint_targets=torch.from_numpy(hint) if hint is not None else None,
     )
     return Batch(
         input_ids=torch.from_numpy(input_ids),
@@ -200,8 +207,10 @@ class StoreLoader:
         state: dict[str, int] | None = None,
         verify: bool = True,
         prefetch_batches: int = 4,
+        with_hidden: bool = False,
     ):
-        self.reader = StoreReader(store, verify=verify)
+        # with_hidden: also decode the teacher's hidden states (hint KD); off, they are never read
+        self.reader = StoreReader(store, verify=verify, with_hidden=with_hidden)
         self.paths = self.reader.shard_paths
         if not self.paths:
             raise ValueError(f"{store}: the store has no committed shards; run `kdship cache` first")

@@ -45,6 +45,7 @@ from kdship.run_manifest import MANIFEST_FILE, RunManifest
 log = logging.getLogger("kdship.train")
 
 DEFAULT_OUT = "runs/student"
+HINT_MAP_FILE = "hint_map.safetensors"  # in a checkpoint: hint KD's learned maps
 DEFAULTS: dict[str, Any] = {
     "student": None,
     "init_from_config": None,
@@ -79,6 +80,9 @@ DEFAULTS: dict[str, Any] = {
     "workers": 2,
     "shuffle_shards": 4,
     "logit_chunk": None,
+    "hint_weight": 0.0,  # hint (feature) KD from the store's teacher hidden states (kdship.train.hint); 0 = off
+    "hint_map": None,
+    "hint_loss": "mse",
     "tensorboard": False,
     "log_every": 10,
     "progress": True,
@@ -248,7 +252,8 @@ def online_rows(teacher, batch, vocab_tok: int, device, autocast_dtype):
         z = z.float()
         z -= torch.logsumexp(z, -1, keepdim=True)  # in place: one [N, V] buffer
     r = batch.rows
-    return Rows(topk_ids=None, topk_logprobs=z[:, :vocab_tok], target_weights=None, targets=r.targets.to(device), row_weight=r.row_weight.to(device))
+    return Rows(topk_ids=None, topk_logprobs=z[:, :vocab_tok], target_weights=None, targets=r.targets.to(device), row_weight=r.row_weight.to(device),
+                hint_targets=None if r.hint_targets is None else r.hint_targets.to(device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,25 +307,36 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def _make_wrapper(model, loss_fn, autocast_dtype):
+def _make_wrapper(model, loss_fn, autocast_dtype, hint=None):
     import torch
 
     class StudentWithLoss(torch.nn.Module):
-        """forward(batch) -> (loss, parts): the decoder, then the fused chunked lm_head loss."""
+        """forward(batch) -> (loss, parts): the decoder, then the fused chunked lm_head loss, plus
+        ``hint.weight`` x the hint loss when hint KD is on (training only; evaluation is the logit KL)."""
 
         def __init__(self):
             super().__init__()
             self.model = model
             self.loss_fn = loss_fn  # swapped for the held-out KL during evaluation
+            self.hint = hint  # a kdship.train.hint.HintHead or None; inside the module so DDP / FSDP see it
 
         def forward(self, input_ids, position_ids, pred_index, rows):
             decoder = getattr(self.model, self.model.base_model_prefix)
+            with_hint = self.hint is not None and self.training
             ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
             with ctx:
-                hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+                # the intermediate states only when hint KD needs them: the default path is unchanged
+                out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=with_hint)
+            hidden = out.last_hidden_state
             h = hidden.reshape(-1, hidden.shape[-1])[pred_index]
             weight = self.model.get_output_embeddings().weight
-            return self.loss_fn(h, weight, rows)
+            loss, parts = self.loss_fn(h, weight, rows)
+            if with_hint:
+                hint_loss = self.hint(out.hidden_states, pred_index, rows)
+                loss = loss + self.hint.weight * hint_loss
+                parts = {**parts, "hint": float(hint_loss.detach())}
+                parts["loss"] += self.hint.weight * parts["hint"]
+            return loss, parts
 
     return StudentWithLoss()
 
@@ -346,13 +362,25 @@ def _ckpt_dirs(out: Path) -> list[Path]:
 
 
 def _full_state_dicts(wrapper, model, optimizer, dist_ctx):
-    """Model and optimizer state as full (unsharded) dicts on the CPU."""
+    """Model and optimizer state as full (unsharded) dicts on the CPU, and the hint maps' state (None
+    without hint KD: they are checkpointed, never part of the exported student)."""
+    hint = getattr(wrapper, "hint", None)
     if dist_ctx.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, optimizer.state_dict()
+        # with hint KD the optimizer also holds the maps' parameters: take both through the wrapper
+        module = model if hint is None else wrapper
+        sd, osd = get_model_state_dict(module, options=opts), get_optimizer_state_dict(module, optimizer, options=opts)
+        if hint is None:
+            return sd, osd, None
+        return _sub_state(sd, "model."), osd, _sub_state(sd, "hint.")
+    hint_sd = None if hint is None else {k: v.detach().cpu() for k, v in hint.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, optimizer.state_dict(), hint_sd
+
+
+def _sub_state(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, loader_state, extra: dict, dist_ctx, wrapper, keep: int) -> Path | None:
@@ -360,7 +388,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, loader_st
     import torch
     from safetensors.torch import save_file
 
-    model_sd, optim_sd = _full_state_dicts(wrapper, model, optimizer, dist_ctx)
+    model_sd, optim_sd, hint_sd = _full_state_dicts(wrapper, model, optimizer, dist_ctx)
     if not dist_ctx.main:
         return None
     final = out / "checkpoints" / f"step_{step:07d}"
@@ -369,6 +397,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, loader_st
     tmp.mkdir(parents=True)
     # tied weights share storage; store each tensor once under its own name (clone breaks sharing)
     save_file({k: v.contiguous().clone() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+    if hint_sd is not None:  # hint KD's learned maps: resumed with the student, never exported
+        save_file({k: v.contiguous() for k, v in hint_sd.items()}, str(tmp / HINT_MAP_FILE))
     torch.save({"optimizer": optim_sd, "rng_cpu": torch.get_rng_state()}, tmp / "state.pt")
     state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, **extra}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -388,20 +418,31 @@ def load_weights(model, sd: dict, ckpt: Path) -> None:
         raise TrainError(f"{ckpt}: checkpoint does not fit the student (missing/unexpected: {bad[:5]})")
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, dist_ctx) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, dist_ctx, wrapper=None) -> dict:
     import torch
     from safetensors.torch import load_file
 
     sd = load_file(str(ckpt / "model.safetensors"))
     blob = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+    hint = getattr(wrapper, "hint", None)
+    hint_sd = None
+    if hint is not None:
+        if not (ckpt / HINT_MAP_FILE).is_file():
+            raise TrainError(f"{ckpt}: no {HINT_MAP_FILE} (the run was started without --hint-weight); resume with its settings")
+        hint_sd = load_file(str(ckpt / HINT_MAP_FILE))
     if dist_ctx.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, sd, options=opts)
-        set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
+        module = model if hint is None else wrapper
+        if hint is not None:
+            sd = {**{f"model.{k}": v for k, v in sd.items()}, **{f"hint.{k}": v for k, v in hint_sd.items()}}
+        set_model_state_dict(module, sd, options=opts)
+        set_optimizer_state_dict(module, optimizer, blob["optimizer"], options=opts)
     else:
         load_weights(model, sd, ckpt)
+        if hint is not None:
+            hint.load_state_dict(hint_sd)
         optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng_cpu"])
     state = json.loads((ckpt / "state.json").read_text())
@@ -538,7 +579,7 @@ def train(store: str, student: str | None = None, out: str = DEFAULT_OUT, config
 
     cfg = _resolve_settings(store, student, config, options)
     header = StoreReader(store, verify=False).header
-    _check_store_settings(header, cfg)
+    _check_store_settings(header, cfg, str(store))
     for extra in cfg["mix_stores"] or []:
         check_same_teacher(header, StoreReader(extra, verify=False).header, str(store), str(extra))
     run = _Run(cfg=cfg, store=str(store), out_dir=Path(out), dist=_Dist(bool(cfg["fsdp"])))
@@ -593,6 +634,7 @@ class _Run:
                 store, int(c["batch_tokens"]), seed=int(c["seed"]), heldout_fraction=float(c["heldout_fraction"]),
                 eval_samples=int(c["eval_samples"]), shuffle_shards=int(c["shuffle_shards"]), workers=int(c["workers"]),
                 average=c["average"], rank=self.dist.rank, world_size=self.dist.world, max_epochs=max_epochs, state=state,
+                with_hidden=self.wrapper is not None and self.wrapper.hint is not None,
             )
 
         if not c["mix_stores"]:
@@ -624,6 +666,8 @@ def _resolve_settings(store, student, config, options) -> dict[str, Any]:
     if cfg["mix_stores"]:
         if cfg["max_steps"] is None:
             raise TrainError("mixing stores (on-policy rounds) needs --max-steps (an epoch of several stores is not defined)")
+        if float(cfg["hint_weight"] or 0) > 0:
+            raise TrainError("--hint-weight does not combine with mixed stores (on-policy round stores hold no hidden states)")
         if not 0.0 <= float(cfg["mix_fraction"]) <= 1.0:
             raise TrainError(f"the mixing fraction must be in [0, 1], got {cfg['mix_fraction']}")
     return cfg
@@ -639,8 +683,15 @@ def check_same_teacher(header: dict[str, Any], other: dict[str, Any], store: str
         raise TrainError(f"{other_store} was written by another teacher than {store} ({', '.join(differ)} differ); stores can be mixed only under one teacher")
 
 
-def _check_store_settings(header: dict[str, Any], cfg: dict[str, Any]) -> None:
+def _check_store_settings(header: dict[str, Any], cfg: dict[str, Any], store: str) -> None:
     weighted = header.get("targets") in ("sampled", "headtail")
+    if float(cfg["hint_weight"] or 0) < 0:
+        raise TrainError(f"--hint-weight {cfg['hint_weight']}: must be >= 0")
+    if float(cfg["hint_weight"] or 0) > 0 and not header.get("hidden_states"):
+        raise TrainError(
+            f"--hint-weight: the store {store} holds no teacher hidden states. Write one with "
+            "`kdship cache TEACHER DATA --backend hf --hidden-layers L1,L2 --hidden-dim D --out STORE` (see docs/cache.md)"
+        )
     if cfg["loss"] != "sft" and header.get("mode") == "generate" and cfg["ce_weight"] == 0:
         log.info("generate store: KD on the teacher's own samples (use --loss sft for plain sequence-level KD)")
     if weighted and cfg["temperature"] != 1.0 and not cfg["online_teacher"]:
@@ -672,7 +723,7 @@ def _setup_model(run: _Run, header: dict[str, Any]) -> None:
         kind=cfg["loss"], tail=cfg["tail"], temperature=float(cfg["temperature"]), ce_weight=float(cfg["ce_weight"]),
         beta=float(cfg["beta"]), alpha=float(cfg["alpha"]), chunk_rows=cfg["logit_chunk"],
     )
-    run.wrapper = _make_wrapper(model, DistillLoss(loss_cfg, vocab_size=run.vocab_tok), run.autocast_dtype)
+    run.wrapper = _make_wrapper(model, DistillLoss(loss_cfg, vocab_size=run.vocab_tok), run.autocast_dtype, _hint_head(run, header))
     if run.dist.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -688,13 +739,38 @@ def _setup_model(run: _Run, header: dict[str, Any]) -> None:
         run.train_module = run.wrapper
 
 
+def _hint_head(run: _Run, header: dict[str, Any]):
+    """Hint KD's maps and loss (kdship.train.hint), or None when --hint-weight is 0."""
+    cfg = run.cfg
+    if not float(cfg["hint_weight"] or 0) > 0:
+        return None
+    from kdship.store import StoreReader
+    from kdship.train.hint import HintError, HintHead, resolve_hint_map
+
+    spec = header["hidden_states"]
+    proj = StoreReader(run.store, verify=False).projection()
+    if proj is None:
+        raise TrainError(f"{run.store}: the header declares hidden states but the store has no projection (no shard was written)")
+    student_layers = int(run.model.config.num_hidden_layers)
+    try:
+        pairs = resolve_hint_map(cfg["hint_map"], list(spec["layers"]), int(spec["teacher_layers"]), student_layers, run.store)
+        head = HintHead(pairs, list(spec["layers"]), proj.variance, int(run.model.config.hidden_size), int(spec["dim"]), str(cfg["hint_loss"]), float(cfg["hint_weight"]),
+                        seed=int(cfg["seed"]))
+    except HintError as e:
+        raise TrainError(str(e)) from None
+    if run.dist.main:
+        log.info("hint KD: student:teacher layers %s, %s loss, weight %s", ",".join(f"{s}:{t}" for s, t in pairs), cfg["hint_loss"], cfg["hint_weight"])
+    return head.to(run.device)
+
+
 def _setup_optimizer(run: _Run) -> None:
     """AdamW (no decay on vectors), warmup + cosine over the run's total steps."""
     import torch
 
     cfg = run.cfg
     decay, no_decay = [], []
-    for _, p in run.model.named_parameters():
+    hint_params = list(run.wrapper.hint.parameters()) if run.wrapper.hint is not None else []
+    for p in list(run.model.parameters()) + hint_params:
         (decay if p.dim() >= 2 else no_decay).append(p)
     run.optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
@@ -717,10 +793,11 @@ def _resume_or_start(run: _Run) -> None:
         ckpts = _ckpt_dirs(out_dir)
         if ckpts:
             saved_cfg = json.loads((ckpts[-1] / "state.json").read_text()).get("config", {})
-            changed = [k for k in ("loss", "tail", "batch_tokens", "seed", "lr", "temperature", "ce_weight", "online_teacher") if k in saved_cfg and saved_cfg[k] != cfg[k]]
+            changed = [k for k in ("loss", "tail", "batch_tokens", "seed", "lr", "temperature", "ce_weight", "online_teacher", "hint_weight", "hint_map", "hint_loss")
+                       if saved_cfg.get(k, DEFAULTS[k]) != cfg[k]]
             if changed:
                 raise TrainError(f"--resume {out_dir}: the run was started with different {', '.join(changed)}; resume with the same settings")
-            st = load_checkpoint(ckpts[-1], run.model, run.optimizer, run.scheduler, dist)
+            st = load_checkpoint(ckpts[-1], run.model, run.optimizer, run.scheduler, dist, run.wrapper)
             run.start_step, run.tokens_seen, run.loader_state = st["step"], st["tokens_seen"], st["loader"]
             run.resumed_from = str(ckpts[-1])
             if dist.main:
@@ -792,10 +869,11 @@ def _train_loop(run: _Run) -> dict[str, Any]:
             run.tokens_seen += batch.global_tokens
             window_tokens += batch.global_tokens
             last_state = batch.state
-            loss_g, kd_g, ce_g = dist.all_sum([parts["loss"], parts["kd"], parts["ce"]])
+            loss_g, kd_g, ce_g, hint_g = dist.all_sum([parts["loss"], parts["kd"], parts["ce"], parts.get("hint", 0.0)])
             now = time.perf_counter()
             rec = {
-                "step": step, "epoch": batch.epoch, "loss": loss_g, "kd": kd_g, "ce": ce_g, "lr": run.scheduler.get_last_lr()[0],
+                "step": step, "epoch": batch.epoch, "loss": loss_g, "kd": kd_g, "ce": ce_g, **({"hint": hint_g} if "hint" in parts else {}),
+                "lr": run.scheduler.get_last_lr()[0],
                 "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": run.tokens_seen,
                 "tokens_per_s": window_tokens / max(1e-9, now - window_t), "peak_mem_mb": _peak_memory_mb(run.device),
                 "elapsed_s": now - t0,
@@ -846,7 +924,7 @@ def _train_loop(run: _Run) -> dict[str, Any]:
 
 def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary, store) -> str | None:
 
-    model_sd, _ = _full_state_dicts(wrapper, model, optimizer, dist_ctx) if dist_ctx.fsdp else ({k: v.detach().cpu() for k, v in model.state_dict().items()}, None)
+    model_sd = _full_state_dicts(wrapper, model, optimizer, dist_ctx)[0] if dist_ctx.fsdp else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not dist_ctx.main:
         return None
     final = out_dir / "final"
