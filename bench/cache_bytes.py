@@ -182,11 +182,11 @@ def headtail_measure(teacher: str, n_conv: int, workdir: str) -> list[str]:
 
 
 def merge_results() -> None:
-    """bench/results/cache.md = the overhead section + the bytes sections (each script writes its own)."""
-    res = ROOT / "bench" / "results"
-    parts = [(res / n).read_text() for n in ("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md") if (res / n).is_file()]
-    (res / "cache.md").write_text("# kdship cache benchmarks\n\n" + "\n".join(parts))
+    """bench/results/cache.md = every cache_*.md section (each script writes its own)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run_all import combine_area
 
+    combine_area("cache", "kdship cache benchmarks", first=("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

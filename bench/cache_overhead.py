@@ -22,7 +22,6 @@ import json
 
 import numpy as np
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,15 +36,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MACHINE = f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, shared with other jobs at the time"
+
+
+def _machine() -> str:
+    """Cores, CPU and the load now, measured (bench/run_all.py)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run_all import machine_with_load
+
+    return machine_with_load()
 
 
 def merge_results() -> None:
-    """bench/results/cache.md = the overhead section + the bytes section (each script writes its own)."""
-    res = ROOT / "bench" / "results"
-    parts = [(res / n).read_text() for n in ("cache_overhead.md", "cache_bytes.md") if (res / n).is_file()]
-    (res / "cache.md").write_text("# kdship cache benchmarks\n\n" + "\n".join(parts))
+    """bench/results/cache.md = every cache_*.md section (each script writes its own)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run_all import combine_area
 
+    combine_area("cache", "kdship cache benchmarks", first=("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +134,7 @@ def main() -> None:
     lines = [
         "## Cache writer overhead (bench/cache_overhead.py)",
         "",
-        f"Machine: {MACHINE}. Teacher: {tname}, vLLM {__import__('vllm').__version__} CPU, float32, in-process engine, k={k}. "
+        f"Machine: {_machine()}. Teacher: {tname}, vLLM {__import__('vllm').__version__} CPU, float32, in-process engine, k={k}. "
         f"Score mode: {len(score_prompts)} chat rows, {n_score} scored positions; generate mode: {len(gen_prompts)} prompts x {M} new tokens. "
         f"Best of {args.repeats} interleaved runs each. kdship = the whole `cache()` call (read, render, teacher, parse, encode, write, commit).",
         "",

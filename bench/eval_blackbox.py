@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -28,6 +27,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 
+
+
+def _machine() -> str:
+    """Cores, CPU and the load now, measured (bench/run_all.py), never typed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import machine_with_load
+
+    return machine_with_load()
 
 def _port() -> int:
     with socket.socket() as s:
@@ -92,7 +101,7 @@ def main() -> None:
     lines = [
         "# Black-box teacher: OpenAI HTTP backend vs in-process vLLM",
         "",
-        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, no GPU, shared with other jobs at the time (noisy).",
+        f"Machine: {_machine()}.",
         f"Tiny teacher (2 layers, hidden 128, vocab {len(tok)}), {len(prompts)} prompts, greedy, {args.new_tokens} new tokens max, k={args.k}, "
         f"HTTP concurrency {args.concurrency}.",
         "",

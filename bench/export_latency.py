@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,16 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+
+
+def _machine() -> str:
+    """Cores, CPU and the load now, measured (bench/run_all.py), never typed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import machine_with_load
+
+    return machine_with_load()
 
 def train_student(out: Path, seconds: float, seed: int = 0) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,8 +172,8 @@ def main() -> None:
     lines = [
         "# Export: ONNX Runtime CPU decode latency vs PyTorch eager",
         "",
-        f"Machine: {os.cpu_count()}-core {platform.machine()} CPU, no GPU, shared with other jobs at the time "
-        f"(noisy; the three backends are timed interleaved in {args.rounds} rounds of {args.steps} decode steps, medians).",
+        f"Machine: {_machine()} "
+        f"(the three backends are timed interleaved in {args.rounds} rounds of {args.steps} decode steps, medians).",
         f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, threads {os.environ['OMP_NUM_THREADS']}.",
         "",
         (f"Student: {tr['given']} ({tr['params'] / 1e6:.1f}M parameters). " if "given" in tr else

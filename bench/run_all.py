@@ -31,6 +31,25 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
+def machine_with_load() -> str:
+    """``machine()`` plus the 1-minute load average now: a script writes it next to its figures."""
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{machine()}, CPU only; load average {load:.1f} when this was written"
+
+
+def combine_area(area: str, title: str, first: tuple[str, ...] = ()) -> Path:
+    """``results/<area>.md`` = every ``results/<area>_*.md`` section (``first`` in that order, then the
+    rest by name), so no script's section drops another's."""
+    res = BENCH / "results"
+    names = [n for n in first if (res / n).is_file()]
+    names += sorted(p.name for p in res.glob(f"{area}_*.md") if p.name not in names)
+    out = res / f"{area}.md"
+    out.write_text(f"# {title}\n\n" + "\n".join((res / n).read_text() for n in names), encoding="utf-8")
+    return out
+
+
 def merge() -> Path:
     sections = sorted((BENCH / "results").glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
     # an area that already combines its scripts' parts in <area>.md is not repeated from <area>_*.md

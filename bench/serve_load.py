@@ -29,6 +29,16 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
 
+
+def _machine() -> str:
+    """Cores, CPU and the load now, measured (bench/run_all.py), never typed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import machine_with_load
+
+    return machine_with_load()
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200)
@@ -89,9 +99,9 @@ def main() -> None:
     lines = [
         "# Serving benchmark: ONNX endpoint under load",
         "",
-        f"Machine: 2-core x86_64 CPU, no GPU, shared with other jobs at the time ({platform.platform()}). "
+        f"Machine: {_machine()} ({platform.platform()}). "
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `.venv/bin/python bench/serve_load.py`; "
-        f"1-minute load average {load_before:.1f} at the start, {load_after:.1f} at the end (2 cores: other jobs were running).",
+        f"1-minute load average {load_before:.1f} at the start, {load_after:.1f} at the end.",
         "",
         f"Model: random Llama, hidden {args.hidden}, {args.layers} layers, {n_params} parameters, exported by `kdship.export` "
         "(fp32 ONNX with KV cache), served by `kdship serve --backend onnx` on 127.0.0.1.",
@@ -127,7 +137,7 @@ def main() -> None:
         "If the HTTP gain is smaller than the engine-alone gain, the difference is the cost of streaming the SSE "
         "responses from one Python process while the load generator runs on the same cores.",
         "",
-        "Latencies are client-side (httpx, same machine: the load generator competes with the server for the 2 cores). "
+        "Latencies are client-side (httpx, same machine: the load generator competes with the server for the same cores). "
         "Full per-target report with plots: `bench/results/serve_profile/report.md`.",
         "",
     ]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".kdship" / "bench" / "train_fidelity"
 RESULTS = ROOT / "bench" / "results"
 
+
+
+def _machine() -> str:
+    """Cores, CPU and the load now, measured (bench/run_all.py), never typed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import machine_with_load
+
+    return machine_with_load()
 
 def heldout_kl(teacher, student, texts, tok) -> float:
     import torch
@@ -119,7 +128,7 @@ def write_md(rows, kl0, V, n_train, epochs, held_texts, n_variants) -> None:
     lines = [
         "# kdship train: fidelity of store-trained students",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only; 2-core x86_64 CPU, no GPU, shared with other jobs at the time.",
+        f"Machine: {_machine()}.",
         f"Teacher: random Llama (2 layers, hidden 128, vocab {V}, init_range 0.2: peaked distributions). Student: 1 layer, hidden 128,",
         f"same starting weights for all. {n_train} training texts, {epochs} epochs, 512 tokens/step, lr 3e-3, --loss fkl, same batch order.",
         f"Held-out: exact full-vocabulary KL(teacher || student) on {len(held_texts)} unseen texts. Untrained student: {kl0:.4f} nat/position.",

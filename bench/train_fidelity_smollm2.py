@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -347,14 +346,11 @@ def main() -> None:
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), CPU only; load average {load:.1f} when this file was written"
+    """Cores, CPU and the load now, measured (bench/run_all.py), never typed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import machine_with_load
 
+    return machine_with_load()
 
 def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, mass) -> None:
     by = {(r["name"], r["seed"]): r for r in state["rows"]}

@@ -31,6 +31,16 @@ WORK = ROOT / ".kdship" / "bench" / "train_throughput"
 RESULTS = ROOT / "bench" / "results"
 
 
+
+def _machine() -> str:
+    """Cores, CPU and the load now, measured (bench/run_all.py), never typed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import machine_with_load
+
+    return machine_with_load()
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -326,8 +336,7 @@ def main() -> None:
 def write_results(rows, n_t, n_s, train_tps, dec, a) -> None:
     by = {(r["student"], r["mode"]): r for r in rows}
     dev = rows[0]["device"]
-    machine = f"{platform.machine()} {'CUDA' if dev.startswith('cuda') else 'CPU'}, {os.cpu_count()} cores" + (
-        "; 2-core x86_64 CPU, no GPU, shared with other jobs at the time (noisy; ratios measured side by side in one run)" if dev == "cpu" else "")
+    machine = _machine() if dev == "cpu" else f"{platform.machine()} CUDA, {os.cpu_count()} cores"
     lines = [
         "# kdship train: throughput and memory",
         "",

@@ -11,7 +11,7 @@ Reported per D: bytes per position per layer (blosc zstd, on disk), the relative
 decoded values against the float32 projection, the largest error relative to the row's largest
 |value|, and the share of the variance the D components keep.
 
-    python bench/hint_bytes.py [--fit-positions 4096] [--eval-positions 2048]
+    python bench/cache_hint_bytes.py [--fit-positions 4096] [--eval-positions 2048]
 """
 
 from __future__ import annotations
@@ -93,6 +93,29 @@ def main() -> None:
     held = _states(model, texts[::-1], args.eval_positions, LAYERS)  # other passages than the fit's
     rows = [measure(fit, held, d) for d in DIMS]
     print(json.dumps({"teacher": "SmolLM2-135M-Instruct", "layers": LAYERS, "fit_positions": len(fit), "rows": rows}, indent=1))
+    write_md(rows, len(fit), len(held))
+
+
+def write_md(rows: list[dict], n_fit: int, n_held: int) -> None:
+    """bench/results/cache_hint.md, merged into cache.md and RESULTS.md."""
+    import sys
+
+    bench = Path(__file__).resolve().parent
+    sys.path.insert(0, str(bench))
+    from run_all import combine_area, machine_with_load
+
+    lines = ["## Hint KD: hidden-state bytes and error (bench/cache_hint_bytes.py)", "",
+             f"Machine: {machine_with_load()}.",
+             f"SmolLM2-135M-Instruct hidden states at layers {LAYERS} (hidden 576), PCA fitted on {n_fit} positions of Shakespeare "
+             f"passages, measured on {n_held} positions of other passages; bytes on disk per position per layer (blosc zstd).", "",
+             "| D | variance kept | int8 + fp16 scale: bytes | rel. RMS error | max error / row max | fp16: bytes | rel. RMS error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        i, f = r["int8+f16 scale"], r["fp16"]
+        lines.append(f"| {r['dim']} | {r['variance_kept']} | {i['bytes_per_position_per_layer']} | {i['rel_rms_error']:.2g} | "
+                     f"{i['max_error_over_row_max']:.2g} | {f['bytes_per_position_per_layer']} | {f['rel_rms_error']:.2g} |")
+    (bench / "results" / "cache_hint.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    combine_area("cache", "kdship cache benchmarks", first=("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md"))
 
 
 if __name__ == "__main__":
