@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -16,16 +20,30 @@ BUCKET = "kdship-test"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port; env for this process and the writers it starts."""
+    """A moto S3 server on a free loopback port; env for this process and the writers it starts.
+
+    The server runs in its own process: moto's server is a Flask app, and Flask's context proxies in
+    this process's modules break vLLM's engine start-up later in the suite (its Triton-kernel rebinding
+    touches every module attribute, and a proxy raises "Working outside of application context")."""
     import fsspec.config
-    from moto.server import ThreadedMotoServer
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as fh:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=fh, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"moto server did not start on {endpoint}:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -36,7 +54,8 @@ def s3(tmp_path_factory):
     fs = s3fs.S3FileSystem(endpoint_url=endpoint)
     fs.mkdir(BUCKET)
     yield {"fs": fs, "env": {**os.environ, **env}, "s3_env": env}
-    server.stop()
+    server.terminate()
+    server.wait(30)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
