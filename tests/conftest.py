@@ -44,3 +44,6 @@ def corpus_dir(tmp_path_factory):
     )
     write_jsonl(d / "prompts.jsonl", [{"prompt": sents[i]} for i in range(130, 140)])
     return d
+
+
+from s3_stores import s3  # noqa: E402,F401 - the moto S3 server fixture, shared by the object-store tests

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,43 +19,12 @@ import numpy as np
 import pytest
 
 from kdship.store import COMMITS_DIR, Shard, StoreReader, StoreWriter
+from s3_stores import BUCKET, assert_same_arrays, store_arrays
 
-BUCKET = "kdship-test"
 HEADER = {
     "mode": "score", "top_k": 4, "targets": "topk", "teacher": {"name_or_path": "t"}, "sampling": {}, "logprobs_mode": "raw_logprobs",
     "max_length": 64, "overflow": "error", "data": {}, "shard_size": 1,
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port; env for this process and the writers it starts."""
-    import fsspec.config
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # fsspec read the environment at import
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-    fs.mkdir(BUCKET)
-    yield {"fs": fs, "env": {**os.environ, **env}}
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)
 
 
 def _synthetic_shard(index: int) -> Shard:
@@ -113,18 +81,6 @@ def _cache_cmd(teacher, data, url, *extra):
     return [sys.executable, "-m", "kdship", "cache", str(teacher), str(data), "--out", url, "--backend", "hf", "--shard-size", "1", "--no-progress", *extra]
 
 
-def _arrays(url):
-    r = StoreReader(str(url))
-    return {p: r.read_shard(p) for p in r.shard_paths}
-
-
-def _assert_same(a, b):
-    assert list(a) == list(b)
-    for p in a:
-        for name in ("tokens", "offsets", "loss_mask", "target_ids", "target_logprobs", "target_counts", "rest_logmass", "token_logprob"):
-            np.testing.assert_array_equal(getattr(a[p], name), getattr(b[p], name), err_msg=f"{p}/{name}")
-
-
 def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny_teacher, tiny_student, corpus_dir):
     """`kdship cache` into s3://: 3 concurrent writers (--num-shards 3), and one writer SIGKILLed after
     its first commits then rerun; both stores equal a single local writer's, shard by shard. Then
@@ -136,7 +92,7 @@ def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ref = tmp_path / "ref"
     cache(str(tiny_teacher), str(data), str(ref), backend="hf", shard_size=1, progress=False)
-    ref_arrays = _arrays(ref)
+    ref_arrays = store_arrays(ref)
     assert len(ref_arrays) == 6
 
     url = f"s3://{BUCKET}/three"
@@ -147,7 +103,7 @@ def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny
         assert p.returncode == 0, err[-2000:]
     r = StoreReader(url)
     assert r.complete
-    _assert_same(ref_arrays, _arrays(url))
+    assert_same_arrays(ref_arrays, store_arrays(url))
 
     killed = f"s3://{BUCKET}/killed"
     records = f"{BUCKET}/killed/{COMMITS_DIR}"
@@ -169,7 +125,7 @@ def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout[res.stdout.rindex('{\n "store"') :])
     assert summary["shards_skipped"] == n_at_kill and summary["complete"] is True
-    _assert_same(ref_arrays, _arrays(killed))
+    assert_same_arrays(ref_arrays, store_arrays(killed))
 
     from kdship.train.trainer import train
 

@@ -49,6 +49,10 @@ def cache_command(
     split: Optional[str] = typer.Option(None, help="Split of a DatasetDict folder (default train)."),
     hidden_layers: Optional[str] = typer.Option(None, "--hidden-layers", help="Hint KD, --backend hf only: also store the teacher's hidden states at these layers, e.g. 4,8 (transformers' output_hidden_states index: 0 = embeddings, i = after block i), projected by PCA to --hidden-dim."),
     hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", help="With --hidden-layers: dimensions kept per layer (PCA fitted on the first rows, stored in the store; at most the teacher's hidden size)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the shards as Ray tasks, one teacher engine per worker, into one store: local (start Ray on this machine), auto (the cluster of `ray start` / $RAY_ADDRESS), or ray://HEAD:10001."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="With --ray: tasks (each does shards s with s % W == i). Default: the cluster's GPUs / --ray-gpus-per-worker, or 2 without GPUs."),
+    ray_gpus_per_worker: Optional[float] = typer.Option(None, "--ray-gpus-per-worker", help="With --ray: GPUs per task. Default --tensor-parallel-size on a GPU cluster, else 0."),
+    ray_retries: int = typer.Option(2, "--ray-retries", help="With --ray: reruns of a task whose worker died (it resumes its shards); kdship's own errors are not retried."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -76,7 +80,10 @@ def cache_command(
     if out is None:
         out = os.path.join("cache", os.path.basename(data.rstrip("/")).split(".")[0] + ".zarr")
     try:
-        summary = cache(teacher, data, out, **cfg)
+        if ray is None:
+            summary = cache(teacher, data, out, **cfg)
+        else:
+            summary = _cache_on_ray(teacher, data, out, cfg, ray, ray_workers, ray_gpus_per_worker, ray_retries)
     except (CacheError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -91,6 +98,20 @@ def cache_command(
         + (f"residual mass beyond the candidates {summary['missing_mass']:.4f}/row, " if summary.get("missing_mass") is not None else "")
         + f"{summary['positions_per_second']} positions/s, complete={summary['complete']}"
     )
+
+
+def _cache_on_ray(teacher, data, out, cfg, address, workers, gpus_per_worker, retries):
+    from kdship.cache.ray_runner import cache_with_ray
+    from kdship.cache.run import CacheError
+
+    if cfg["num_shards"] != 1 or cfg["shard_index"] != 0:
+        raise CacheError("--ray splits the shards itself: drop --num-shards/--shard-index (or use --ray-workers)")
+
+    def report(t):
+        typer.echo(f"task {t['shard_index']} on {t['node']}: {t['samples']} samples, {t['positions']} positions, {t['shards_written']} shards written, "
+                   f"{t['shards_skipped']} already committed, {t['positions_per_second']} positions/s", err=True)
+
+    return cache_with_ray(teacher, data, out, address=address, workers=workers, gpus_per_worker=gpus_per_worker, retries=retries, on_task_done=report, **cfg)
 
 
 def inspect_command(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,6 +457,7 @@ def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backe
             stats["teacher_seconds"] += time.time() - t0
             shard = Shard.build(samples_out, writer.top_k, targets=o.targets)
             writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})
+            _exit_after_first_commit_for_tests(s)
             stats["samples"] += shard.num_samples
             stats["positions"] += shard.num_positions
             targeted = shard.loss_mask & shard.has_target()
@@ -470,6 +472,25 @@ def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backe
     finally:
         bar.close()
     return stats, reject_counts
+
+
+TEST_EXIT_AFTER_COMMIT = "KDSHIP_TEST_EXIT_AFTER_COMMIT"
+
+
+def _exit_after_first_commit_for_tests(shard: int) -> None:
+    """Tests only (tests/test_cache_ray.py): with $KDSHIP_TEST_EXIT_AFTER_COMMIT naming a marker file,
+    the first process to commit a shard creates the marker (holding that shard's index) and dies at
+    once, as a killed worker would; every later process (a retry) finds the marker and carries on."""
+    marker = os.environ.get(TEST_EXIT_AFTER_COMMIT)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(shard).encode())
+    os.close(fd)
+    os._exit(1)
 
 
 def _summary(o: _Options, stats, reject_counts, backend_ref: _LazyBackend, t_start, k_store, n_records, n_total_shards, n_written, n_mine, n_rejects, complete):
