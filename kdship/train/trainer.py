@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kdship.heldout import DEFAULT_HELDOUT_FRACTION
-from kdship.run_manifest import MANIFEST_FILE, RunManifest
+from kdship.run_manifest import MANIFEST_FILE, RunManifest, replace_final
 
 log = logging.getLogger("kdship.train")
 
@@ -934,7 +934,6 @@ def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary
     model_sd = _full_state_dicts(wrapper, model, optimizer, dist_ctx)[0] if dist_ctx.fsdp else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not dist_ctx.main:
         return None
-    final = out_dir / "final"
     tmp = out_dir / "final.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
@@ -942,7 +941,4 @@ def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary
     tok.save_pretrained(tmp)
     shutil.copy2(out_dir / MANIFEST_FILE, tmp / MANIFEST_FILE)
     (tmp / "kdship_train.json").write_text(json.dumps({"store": str(store), **{k: v for k, v in summary.items() if k != "final"}}, indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return str(final)
+    return str(replace_final(tmp, out_dir))
