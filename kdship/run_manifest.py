@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_FILE = "kdship_run.json"
+FINAL_DIR = "final"
+FINAL_PREVIOUS_DIR = "final.previous"  # the replaced final/, for the instant between two renames
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,28 @@ def read_manifest(model_dir: str | Path) -> RunManifest | None:
             known = {k: data[k] for k in RunManifest.__dataclass_fields__ if k in data}
             return RunManifest(**known)
     return None
+
+
+def final_dir(run_dir: str | Path) -> Path:
+    """``RUN/final``; if a crash fell between the two renames that replace it (see ``replace_final``),
+    the previous one, which is complete."""
+    run = Path(run_dir)
+    if not (run / FINAL_DIR).exists() and (run / FINAL_PREVIOUS_DIR).is_dir():
+        return run / FINAL_PREVIOUS_DIR
+    return run / FINAL_DIR
+
+
+def replace_final(new: str | Path, run_dir: str | Path) -> Path:
+    """Move the complete folder ``new`` to ``RUN/final`` so that at every moment a complete student
+    exists: the old final/ is renamed aside, the new one renamed in, then the old one deleted (a crash
+    between the renames leaves ``final.previous``, which ``final_dir`` and the next save pick up)."""
+    import shutil
+
+    run = Path(run_dir)
+    final, previous = run / FINAL_DIR, run / FINAL_PREVIOUS_DIR
+    if final.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
+    os.replace(new, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final

@@ -181,8 +181,9 @@ class StoreHeader:
 
 # Header keys that must match to resume a store: StoreHeader's settings, and the format version.
 SETTINGS_KEYS = ("format_version",) + tuple(f.name for f in fields(StoreHeader) if f.metadata.get("setting"))
-# Teacher fields compared on resume: where the teacher lives may change, what it is may not.
-TEACHER_IDENTITY_KEYS = ("weights_sha256", "vocab_size", "tokenizer_sha256", "chat_template_sha256")
+# Teacher fields compared on resume: where the teacher lives may change, what it is may not
+# (served_model: the model id an HTTP teacher lists at /v1/models; None for local teachers).
+TEACHER_IDENTITY_KEYS = ("weights_sha256", "vocab_size", "tokenizer_sha256", "chat_template_sha256", "served_model")
 
 # Lossy encoding of topk_logprobs (topk / sampled stores). BitRound keeps this many explicit mantissa
 # bits of each float32 (relative error <= 2**-(bits+1)); -inf survives.

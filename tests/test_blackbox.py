@@ -314,3 +314,33 @@ def test_string_keyed_top_logprobs_map_through_the_tokenizer_and_count_losses(ti
     assert lps[:2].tolist() == [-0.5, -1.0] and np.isneginf(lps[2:]).all()
     assert be.stats["unmapped_keys"] == 2 and be.stats["key_collisions"] == 1
     be.close()
+
+
+def test_cache_score_through_openai_backend_identity_without_credentials(vllm_server, tiny_teacher, corpus_dir, tmp_path):
+    """kdship cache --mode score --backend openai: targets for every trained row; the header identifies
+    the teacher by the model id the server lists (another model behind the same URL is refused on
+    resume) and keeps no credentials of the URL."""
+    import zarr
+
+    from kdship.cache.run import StoreMismatch, cache
+    from kdship.store import HEADER_ATTR, StoreReader
+
+    host = vllm_server.split("://", 1)[1]
+    url = f"http://kd-user:s3cret-token@{host}/v1"
+    out = tmp_path / "score.zarr"
+    kw = dict(mode="score", backend="openai", teacher_url=url, top_k=8, targets="topk", shard_size=4, progress=False)
+    summary = cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), **kw)
+    assert summary["complete"] and summary["samples"] == 20
+    r = StoreReader(str(out))
+    teacher = r.header["teacher"]
+    assert teacher["served_model"] == str(tiny_teacher)  # vLLM lists the --model it serves
+    assert "s3cret" not in json.dumps(r.header) and teacher["url"] == f"http://{host}/v1"
+    s = next(r.iter_samples())
+    assert (s["topk_ids"][s["loss_mask"]][:, 0] >= 0).all()
+    # the same store as if another model had answered behind this URL: resume is refused
+    root = zarr.open_group(str(out), mode="r+")
+    hdr = dict(root.attrs[HEADER_ATTR])
+    hdr["teacher"] = dict(hdr["teacher"], served_model="another-model")
+    root.attrs[HEADER_ATTR] = hdr
+    with pytest.raises(StoreMismatch, match="teacher"):
+        cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), **kw)

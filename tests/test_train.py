@@ -204,3 +204,27 @@ def test_cli_refuses_bad_input_clearly(tmp_path, tiny_student):
     assert r.exit_code == 2 and "no kdship store" in r.output
     r = CliRunner().invoke(app, ["train", str(tmp_path / "nostore"), "--loss", "kl9", "--student", str(tiny_student)])
     assert r.exit_code == 2
+
+
+def test_final_is_replaced_so_that_a_complete_student_always_exists(tmp_path):
+    """RUN/final is replaced by two renames; a crash between them leaves final.previous, which the
+    readers take (export's resolve_model_dir, eval's loader, both through final_dir), and the next save
+    replaces cleanly."""
+    from kdship.export.hf import resolve_model_dir
+    from kdship.run_manifest import FINAL_PREVIOUS_DIR, final_dir, replace_final
+
+    run = tmp_path / "run"
+    for name, marker in (("a", "old"), ("b", "new")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"marker": marker}))
+        (d / "model.safetensors").write_bytes(b"")
+    run.mkdir()
+    replace_final(tmp_path / "a", run)
+    assert json.loads((run / "final" / "config.json").read_text())["marker"] == "old"
+    # the crash state: the old final renamed aside, the new one not yet moved in
+    os.replace(run / "final", run / FINAL_PREVIOUS_DIR)
+    assert final_dir(run) == run / FINAL_PREVIOUS_DIR and resolve_model_dir(run) == run / FINAL_PREVIOUS_DIR
+    replace_final(tmp_path / "b", run)
+    assert json.loads((run / "final" / "config.json").read_text())["marker"] == "new"
+    assert not (run / FINAL_PREVIOUS_DIR).exists() and final_dir(run) == run / "final"

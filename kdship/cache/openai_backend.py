@@ -148,7 +148,7 @@ class OpenAIBackend(TeacherBackend):
                     try:
                         return r.json()
                     except json.JSONDecodeError as e:
-                        raise OpenAIBackendError(f"{url}: answered 200 with a body that is not JSON: {r.text[:200]!r}") from e
+                        raise OpenAIBackendError(f"{redact_url(url)}: answered 200 with a body that is not JSON: {r.text[:200]!r}") from e
                 self._count("http_errors", sub=str(r.status_code))
                 err = f"HTTP {r.status_code}: {r.text[:500]}"
                 if r.status_code not in RETRY_STATUS:
@@ -158,14 +158,14 @@ class OpenAIBackend(TeacherBackend):
                             f" (asked for {self.top_logprobs} logprobs: lower --top-k / top_logprobs, or start the "
                             "server with a larger --max-logprobs)"
                         )
-                    raise OpenAIBackendError(f"{method} {url} failed: {err}{hint}")
+                    raise OpenAIBackendError(f"{method} {redact_url(url)} failed: {err}{hint}")
                 ra = r.headers.get("retry-after")
                 try:
                     retry_after = float(ra) if ra is not None else None
                 except ValueError:
                     retry_after = None
             if attempt == self.max_retries:
-                raise OpenAIBackendError(f"{method} {url} failed after {self.max_retries + 1} attempts; last error: {err}")
+                raise OpenAIBackendError(f"{method} {redact_url(url)} failed after {self.max_retries + 1} attempts; last error: {err}")
             delay = min(self.backoff_max, self.backoff_base * (2**attempt)) * (0.5 + random.random() / 2)
             if retry_after is not None:
                 delay = max(delay, min(retry_after, self.backoff_max))
@@ -177,7 +177,7 @@ class OpenAIBackend(TeacherBackend):
         data = self._request("GET", "/models")
         models = [m.get("id") for m in data.get("data", []) if m.get("id")]
         if not models:
-            raise OpenAIBackendError(f"{self.url}/models lists no model; pass model=")
+            raise OpenAIBackendError(f"{redact_url(self.url)}/models lists no model; pass model=")
         return models[0]
 
     # -- TeacherBackend ------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ class OpenAIBackend(TeacherBackend):
                 data = self._request("POST", "/completions", body)
                 choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
             if len(choices) != samples:
-                raise OpenAIBackendError(f"{self.url}/completions returned {len(choices)} choices for n={samples} (prompt {i})")
+                raise OpenAIBackendError(f"{redact_url(self.url)}/completions returned {len(choices)} choices for n={samples} (prompt {i})")
             return [self._generation(c, k, i) for c in choices]
 
         with ThreadPoolExecutor(self.max_concurrency) as pool:
@@ -304,7 +304,7 @@ class OpenAIBackend(TeacherBackend):
                 plp = data.get("prompt_logprobs")
             if plp is None:
                 raise OpenAIBackendError(
-                    f"{self.url}/completions returned no prompt_logprobs: teacher-forced scoring needs a vLLM-style "
+                    f"{redact_url(self.url)}/completions returned no prompt_logprobs: teacher-forced scoring needs a vLLM-style "
                     "server; use --mode generate with this teacher"
                 )
             if len(plp) != len(sequences[i]):
@@ -317,3 +317,26 @@ class OpenAIBackend(TeacherBackend):
 
     def close(self) -> None:
         self.client.close()
+
+
+def redact_url(url: str) -> str:
+    """``url`` without what may hold credentials (user:password@, query string, fragment): what a
+    store header or a log line may keep."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def served_model_id(url: str, api_key: str | None = None) -> str:
+    """The first model id the server lists at /v1/models: with the tokenizer, what identifies an HTTP
+    teacher (a URL alone does not: another model may be behind it on resume)."""
+    be = OpenAIBackend(url, api_key=api_key, max_retries=2)
+    try:
+        return be.model
+    finally:
+        be.close()

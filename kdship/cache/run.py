@@ -292,8 +292,14 @@ def _identify_teacher(o: _Options) -> _Teacher:
     fp = teacher_fingerprint(o.teacher, tok)
     if fp["weights_sha256"] is None and o.backend != "openai" and Path(o.teacher).is_dir():
         raise CacheError(f"teacher {o.teacher}: no weight files (*.safetensors, *.bin) in the directory")
-    if o.teacher_url:
-        fp["url"] = o.teacher_url
+    if o.backend == "openai" and o.teacher_url:
+        from kdship.cache.openai_backend import OpenAIBackendError, redact_url, served_model_id
+
+        try:
+            fp["served_model"] = served_model_id(o.teacher_url, o.api_key)
+        except OpenAIBackendError as e:
+            raise CacheError(f"--teacher-url {redact_url(o.teacher_url)}: cannot list its models: {e}") from e
+        fp["url"] = redact_url(o.teacher_url)  # a URL may carry credentials: never into the header
     vocab = fp["vocab_size"] or len(tok)
     if o.top_k > vocab:
         raise CacheError(f"--top-k {o.top_k} is larger than the teacher's vocabulary ({vocab} tokens)")

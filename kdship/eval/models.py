@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from kdship.run_manifest import final_dir
+
 
 class ModelLoadError(ValueError):
     pass
@@ -31,8 +33,8 @@ def load_model(name: str, path: str | Path, device: str | None = None, dtype: st
         raise ModelLoadError(f"model {name!r}: {p} does not exist")
     if is_onnx_dir(p):
         return OnnxEvalModel(name, p)
-    if (p / "final" / "config.json").is_file() and not (p / "config.json").is_file():
-        p = p / "final"  # a `kdship train` output folder
+    if (final_dir(p) / "config.json").is_file() and not (p / "config.json").is_file():
+        p = final_dir(p)  # a `kdship train` output folder
     if (p / "hf" / "config.json").is_file() and not (p / "config.json").is_file():
         p = p / "hf"  # a `kdship export` output folder
     if not (p / "config.json").is_file():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kdship.export.onnx import ExportError
+from kdship.run_manifest import final_dir
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
@@ -20,7 +21,7 @@ def resolve_model_dir(run_dir: str | Path) -> Path:
         raise ExportError(f"RUN_DIR not found: {p}")
     if not p.is_dir():
         raise ExportError(f"RUN_DIR must be a folder (a `kdship train` run or an HF model directory), got a file: {p}")
-    for cand in (p / "final", p):
+    for cand in (final_dir(p), p):
         if (cand / "config.json").is_file():
             if not any(any(cand.glob(pat)) for pat in WEIGHT_PATTERNS):
                 raise ExportError(f"{cand}: config.json but no weights (*.safetensors)")

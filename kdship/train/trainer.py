@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kdship.heldout import DEFAULT_HELDOUT_FRACTION
-from kdship.run_manifest import MANIFEST_FILE, RunManifest
+from kdship.run_manifest import MANIFEST_FILE, RunManifest, replace_final
 
 log = logging.getLogger("kdship.train")
 
@@ -819,11 +819,24 @@ def _resume_or_start(run: _Run) -> None:
     dist.barrier()
 
 
+def _optimizer_step(run: _Run, batch) -> tuple[dict[str, Any], Any]:
+    """Loss, backward, clip, step on one batch; returns the loss parts and the gradient norm."""
+    import torch
+
+    loss, parts = run.train_module(batch.input_ids.to(run.device), batch.position_ids.to(run.device), batch.pred_index.to(run.device), run.rows_of(batch))
+    # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
+    (loss * run.dist.world).backward()
+    grad_clip = float(run.cfg["grad_clip"]) if run.cfg["grad_clip"] else 0.0
+    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip) if grad_clip else None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return parts, gnorm
+
+
 def _train_loop(run: _Run) -> dict[str, Any]:
     """The loop (nanoGPT style, module docstring), held-out evals and checkpoints; then the summary and
     the final model (or, after --stop-after, a checkpoint to resume from)."""
-    import torch
-
     cfg, dist, model = run.cfg, run.dist, run.model
     metrics = Metrics(run.out_dir, dist.main, bool(cfg["tensorboard"]), run.start_step if run.resumed_from else None)
     loader = run.make_loader(state=run.loader_state, max_epochs=int(cfg["epochs"]) if cfg["epochs"] is not None else None)
@@ -858,13 +871,7 @@ def _train_loop(run: _Run) -> dict[str, Any]:
                 batch = next(it)
             except StopIteration:
                 break
-            loss, parts = run.train_module(batch.input_ids.to(run.device), batch.position_ids.to(run.device), batch.pred_index.to(run.device), run.rows_of(batch))
-            # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
-            (loss * dist.world).backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"])) if cfg["grad_clip"] else None
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            parts, gnorm = _optimizer_step(run, batch)
             step += 1
             run.tokens_seen += batch.global_tokens
             window_tokens += batch.global_tokens
@@ -927,7 +934,6 @@ def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary
     model_sd = _full_state_dicts(wrapper, model, optimizer, dist_ctx)[0] if dist_ctx.fsdp else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if not dist_ctx.main:
         return None
-    final = out_dir / "final"
     tmp = out_dir / "final.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
@@ -935,7 +941,4 @@ def _save_final(out_dir: Path, model, tok, dist_ctx, wrapper, optimizer, summary
     tok.save_pretrained(tmp)
     shutil.copy2(out_dir / MANIFEST_FILE, tmp / MANIFEST_FILE)
     (tmp / "kdship_train.json").write_text(json.dumps({"store": str(store), **{k: v for k, v in summary.items() if k != "final"}}, indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return str(final)
+    return str(replace_final(tmp, out_dir))
