@@ -265,7 +265,8 @@ def main() -> None:
     stores["ht_hf"] = dict(top_k=head, targets="headtail", draws=draws, backend="hf")
     stores[f"headtail_h{head}_n16_c{cands}"] = dict(top_k=head, targets="headtail", draws=16)
     probes = [("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
-              (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", f"headtail_h{head}_n16_c{cands}", "bucket")]
+              (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", f"headtail_h{head}_n16_c{cands}", "bucket"),
+              (f"probe: default store, beyond bucket against the student's own top-{cands} complement", ht, "bucket_far")]
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]
@@ -323,6 +324,8 @@ def main() -> None:
         opts = dict(epochs=a.epochs, batch_tokens=a.batch_tokens, lr=a.lr, ce_weight=0.0, heldout_fraction=0.0, eval_every=0, ckpt_every=0, progress=False, seed=seed)
         if how == "online":
             opts["online_teacher"] = teacher
+        elif how == "bucket_far":  # LossConfig.beyond_topk: the bucket against the student's own far tail
+            opts.update(tail="bucket", beyond_topk=cands)
         else:
             opts["tail"] = how
         t0 = time.time()

@@ -94,6 +94,10 @@ class LossConfig:
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skl / srkl
     chunk_rows: int | None = None  # rows per lm_head chunk; None = about 8M logits per chunk
+    # headtail "beyond" bucket: 0 = against the student's mass off the row's stored ids; K' > 0 =
+    # against its mass outside its own top-K' (and the stored ids), the student's estimate of the
+    # teacher's never-drawn set. Off the stored ids, undrawn mid-tail tokens share the bucket's push.
+    beyond_topk: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -157,6 +161,7 @@ def kd_row_losses(
     valid: torch.Tensor,
     target_weights: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    s_far: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Divergence per row [N] from student log-probs at the stored ids.
 
@@ -187,8 +192,11 @@ def kd_row_losses(
         b = 1.0 - torch.where(use, w, zero).double().sum(-1)
         bucket = has_any & (b > BUCKET_EPS)
         t_b = torch.where(bucket, b.clamp(min=BUCKET_EPS).log(), 0.0).to(s_lp.dtype)
-        s_in = torch.logsumexp(torch.where(valid, s_safe, neg), -1)
-        s_b = torch.where(bucket, _log1mexp(torch.where(bucket, s_in, -1.0)), zero)
+        if s_far is None:  # the student's mass off the stored ids
+            s_in = torch.logsumexp(torch.where(valid, s_safe, neg), -1)
+            s_b = torch.where(bucket, _log1mexp(torch.where(bucket, s_in, -1.0)), zero)
+        else:  # its mass outside its own top-K' and the stored ids (LossConfig.beyond_topk)
+            s_b = torch.where(bucket, s_far.to(s_lp.dtype), zero)
         b_term = divergence_terms(cfg.kind, t_b[:, None], s_b[:, None], cfg.beta, cfg.alpha)[:, 0]
         return out + torch.where(bucket, b_term, zero)
 
@@ -223,7 +231,7 @@ def kd_row_losses(
 # The fused, chunked lm_head
 
 
-RowFn = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
+RowFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (s_kd, s_ce, rows, s_far=None) -> (loss, parts)
 
 
 def default_chunk_rows(vocab: int, budget_logits: int = 1 << 23) -> int:
@@ -234,7 +242,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     """loss = sum over chunks of row_fn(log q_T[ids], log q_1[target]); gradients computed per chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, targets, row_fn, chunk_rows, temperature, needs_grad, n_parts):  # noqa: D401
+    def forward(ctx, hidden, weight, ids, targets, row_fn, chunk_rows, temperature, needs_grad, n_parts, far_k=0):  # noqa: D401
         N = hidden.shape[0]
         full = isinstance(ids, int)  # every row's ids are 0..ids-1: slice instead of gather
         w_mm = weight.to(hidden.dtype)
@@ -256,12 +264,25 @@ class _FusedHeadLoss(torch.autograd.Function):
                 lseT = torch.logsumexp(zT, -1, keepdim=True)
             ids_c = None if full else ids[sl]
             tgt_c = targets[sl, None]
+            far_mask = s_far = g_far = None
+            if far_k and not full:  # F = outside the student's own top-far_k and the stored ids
+                far_mask = torch.ones_like(z, dtype=torch.bool)
+                far_mask.scatter_(1, z.topk(min(far_k, z.shape[1]), -1).indices, False)
+                far_mask.scatter_(1, ids_c, False)
+                s_far = (torch.logsumexp(z.masked_fill(~far_mask, float("-inf")), -1) - lse1.squeeze(1)).clamp(min=-80.0)
             with torch.enable_grad():
                 s_kd = ((zT[:, :ids] if full else zT.gather(1, ids_c)) - lseT).detach().requires_grad_(needs_grad)
                 s_ce = (z.gather(1, tgt_c) - lse1).squeeze(1).detach().requires_grad_(needs_grad)
-                loss_c, parts_c = row_fn(s_kd, s_ce, sl)
+                if s_far is not None:
+                    s_far = s_far.detach().requires_grad_(needs_grad)
+                    loss_c, parts_c = row_fn(s_kd, s_ce, sl, s_far)
+                else:
+                    loss_c, parts_c = row_fn(s_kd, s_ce, sl)
                 if needs_grad and loss_c.requires_grad:
-                    g_kd, g_ce = torch.autograd.grad(loss_c, [s_kd, s_ce], allow_unused=True)
+                    leaves = [s_kd, s_ce] + ([s_far] if s_far is not None else [])
+                    grads = torch.autograd.grad(loss_c, leaves, allow_unused=True)
+                    g_kd, g_ce = grads[0], grads[1]
+                    g_far = grads[2] if s_far is not None else None
                 else:
                     g_kd = g_ce = None
             total += loss_c.detach().to(acc)
@@ -279,6 +300,12 @@ class _FusedHeadLoss(torch.autograd.Function):
                         dz.scatter_add_(1, ids_c, g_kd)
                     if T != 1.0:
                         dz.div_(T)
+                if g_far is not None:
+                    # d s_far / d z_v = [v in F] softmax_F(z)_v - softmax(z)_v
+                    lse_f = torch.logsumexp(z.masked_fill(~far_mask, float("-inf")), -1, keepdim=True)
+                    pf = (z - lse_f).exp_().masked_fill_(~far_mask, 0.0).sub_((z - lse1).exp_()).mul_(g_far[:, None])
+                    dz = pf if dz is None else dz.add_(pf)
+                    del pf
                 if g_ce is not None:
                     p1 = (z - lse1).exp_().mul_(-g_ce[:, None])
                     p1.scatter_add_(1, tgt_c, g_ce[:, None])
@@ -302,9 +329,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total, grad_parts):
         grad_h, grad_w = ctx.saved_tensors
         if not ctx.needs_grad:
-            return (None,) * 9
+            return (None,) * 10
         g = grad_total.to(grad_w.dtype)
-        return (grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None, None, None, None, None)
+        return (grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None, None, None, None, None, None)
 
 
 def fused_head_loss(
@@ -316,6 +343,7 @@ def fused_head_loss(
     n_parts: int,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    far_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked lm_head + row losses. hidden [N, H], weight [V, H], ids [N, K] (>= 0), targets [N].
 
@@ -327,7 +355,7 @@ def fused_head_loss(
     """
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _FusedHeadLoss.apply(hidden, weight, ids, targets, row_fn, int(chunk_rows), float(temperature), needs_grad, n_parts)
+    return _FusedHeadLoss.apply(hidden, weight, ids, targets, row_fn, int(chunk_rows), float(temperature), needs_grad, n_parts, int(far_k))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,12 +392,12 @@ class DistillLoss:
         tw = rows.target_weights
         cw = self.ce_weight
 
-        def fn(s_kd: torch.Tensor, s_ce: torch.Tensor, sl: slice):
+        def fn(s_kd: torch.Tensor, s_ce: torch.Tensor, sl: slice, s_far: torch.Tensor | None = None):
             rw = rows.row_weight[sl]
             if cfg.kind == "sft" or cw >= 1.0:
                 kd = torch.zeros_like(s_ce)
             else:
-                kd = kd_row_losses(cfg, s_kd, rows.topk_logprobs[sl], valid(sl), None if tw is None else tw[sl], self.vocab_size)
+                kd = kd_row_losses(cfg, s_kd, rows.topk_logprobs[sl], valid(sl), None if tw is None else tw[sl], self.vocab_size, s_far)
             ce = -s_ce
             kd_sum = (rw * kd).sum()
             ce_sum = (rw * ce).sum()
@@ -380,5 +408,6 @@ class DistillLoss:
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, rows) -> tuple[torch.Tensor, dict[str, float]]:
         ids = rows.topk_logprobs.shape[1] if rows.topk_ids is None else rows.topk_ids.clamp(min=0)
-        loss, parts = fused_head_loss(hidden, weight, ids, rows.targets, self.row_fn(rows), len(PART_NAMES), self.cfg.temperature, self.cfg.chunk_rows)
+        far_k = self.cfg.beyond_topk if (rows.target_weights is not None and rows.topk_ids is not None) else 0
+        loss, parts = fused_head_loss(hidden, weight, ids, rows.targets, self.row_fn(rows), len(PART_NAMES), self.cfg.temperature, self.cfg.chunk_rows, far_k)
         return loss, dict(zip(PART_NAMES, parts.tolist()))

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "ce_weight": 0.5,  # KD + CE on the data tokens: beat SFT on held-out perplexity, KL and OOD where pure KD did not (bench/train_recipe_demo.py)
     "beta": 0.5,
     "alpha": 0.1,
+    "beyond_topk": 0,  # headtail's beyond bucket against the student's own far tail (LossConfig.beyond_topk)
     "average": "token",
     "max_steps": None,
     "epochs": None,
@@ -721,7 +722,7 @@ def _setup_model(run: _Run, header: dict[str, Any]) -> None:
             log.info("online KD: targets are %s's full distribution at every step (the store gives the token order only)", cfg["online_teacher"])
     loss_cfg = LossConfig(
         kind=cfg["loss"], tail=cfg["tail"], temperature=float(cfg["temperature"]), ce_weight=float(cfg["ce_weight"]),
-        beta=float(cfg["beta"]), alpha=float(cfg["alpha"]), chunk_rows=cfg["logit_chunk"],
+        beta=float(cfg["beta"]), alpha=float(cfg["alpha"]), chunk_rows=cfg["logit_chunk"], beyond_topk=int(cfg["beyond_topk"]),
     )
     run.wrapper = _make_wrapper(model, DistillLoss(loss_cfg, vocab_size=run.vocab_tok), run.autocast_dtype, _hint_head(run, header))
     if run.dist.fsdp:
