@@ -183,6 +183,45 @@ def test_generation_rouge_l_and_cli(tiny_teacher, tiny_student, tmp_path):
         assert rep["splits"][split]["metrics"]["kd"]["rouge_l_f1"] == pytest.approx(np.mean(f1))
 
 
+def test_generation_judged_by_the_teacher(hf, tiny_teacher, tiny_student, tmp_path):
+    """With a live teacher, each model's free-running output gets the teacher's NLL per token and ROUGE-L
+    against the teacher's own answer; both re-derived here from a plain transformers generate + forward."""
+    import torch
+
+    sents = synthetic_sentences(20, seed=5)
+    rows = [{"prompt": sents[i], "reference": sents[i + 1]} for i in range(5)]
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    rep = evaluate({"kd": str(tiny_student)}, str(data), teacher=str(tiny_teacher), perturb=None, out=str(tmp_path / "rep"), max_new_tokens=10, progress=False)
+    tok = hf["tok"]
+    its = {(i["model"], i["row"]): i for i in _items(tmp_path / "rep")}
+    nll_sum, n_tok = {"teacher": 0.0, "kd": 0.0}, {"teacher": 0, "kd": 0}
+    for r, row in enumerate(rows):
+        prompt = tok(row["prompt"]).input_ids
+        gens = {}
+        for name in ("teacher", "kd"):
+            with torch.inference_mode():
+                g = hf[name].generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            gen = g[0, len(prompt):].tolist()
+            eos = tok.eos_token_id
+            gen = gen[: gen.index(eos)] if eos in gen else gen
+            gens[name] = gen
+            lp = _logsoftmax(hf["teacher"], prompt + gen)
+            want = -sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(gen))
+            it = its[(name, r)]
+            assert it["generated_tokens"] == len(gen) and it["teacher_nll_sum"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+            nll_sum[name] += want
+            n_tok[name] += len(gen)
+        text = {n: tok.decode(g, skip_special_tokens=True) for n, g in gens.items()}
+        assert its[("kd", r)]["rouge_l_vs_teacher"]["f1"] == pytest.approx(M.rouge_l(text["kd"], text["teacher"])["f1"])
+    m = rep["splits"]["id"]["metrics"]
+    for name in ("teacher", "kd"):
+        assert m[name]["teacher_nll"] == pytest.approx(nll_sum[name] / n_tok[name], rel=1e-4)
+    assert m["teacher"]["rouge_l_f1_vs_teacher"] == pytest.approx(1.0)
+    # a random student writes what the teacher would not: the teacher finds it far less likely than its own text
+    assert m["kd"]["teacher_nll"] > m["teacher"]["teacher_nll"] + 1.0
+    assert "teacher NLL of own generations" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_bad_input_names_file_line_and_option(tiny_student, tmp_path):
     from kdship.cli import app
 

@@ -149,6 +149,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "attack_success_rate": False,
     "attack_success_rate_of_correct": False,
     "answer_found": True,
+    "teacher_nll": False,  # the teacher's NLL per token of the model's own greedy generations
+    "rouge_l_f1_vs_teacher": True,
 }
 
 

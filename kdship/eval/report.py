@@ -31,6 +31,9 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     has_kl = report["task"] == "lm" and any("kl_to_teacher" in m for m in report["splits"]["id"]["metrics"].values())
     if has_kl:
         head.append("KL to teacher (id)")
+    judged = any("teacher_nll" in m for m in report["splits"]["id"]["metrics"].values())
+    if judged:
+        head += ["teacher NLL of own generations (id)", "ROUGE-L F1 vs teacher's answer (id)"]
     if has_asr:
         head += [f"ASR {SPLIT_TITLES.get(s, s)}" for s in perts]
     intro = f"**{metric}** ({direction})"
@@ -40,6 +43,9 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         intro += "; no reference model, so no retention (give --teacher DIR or a model named teacher)"
     if has_kl:
         intro += "; KL to teacher in nats per scored token (lower is better)"
+    if judged:
+        intro += ("; teacher NLL = the teacher's nats per token of the model's own greedy output given the prompt "
+                  "(lower = the teacher would have written it)")
     if has_asr:
         intro += ". ASR = attack success rate (share of items right before the perturbation and wrong after; lower is better)"
     lines = [
@@ -56,6 +62,8 @@ def summary_table(report: dict[str, Any]) -> list[str]:
             cells.append(_fmt(v) + (f" ({_fmt(r, pct=True)})" if r is not None else ""))
         if has_kl:
             cells.append(_fmt(report["splits"]["id"]["metrics"][name].get("kl_to_teacher")))
+        if judged:
+            cells += [_fmt(report["splits"]["id"]["metrics"][name].get(k)) for k in ("teacher_nll", "rouge_l_f1_vs_teacher")]
         if has_asr:
             for s in perts:
                 cells.append(_fmt(report["splits"][s]["metrics"][name].get("attack_success_rate"), pct=True))

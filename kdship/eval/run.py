@@ -102,6 +102,11 @@ def evaluate(
             results[split] = {n: _run_choice(m, items, batch_size, progress, split) for n, m in loaded.items()}
         else:
             results[split] = {n: _run_generate(m, items, task, batch_size, max_new_tokens, rouge_threshold, progress, split) for n, m in loaded.items()}
+            if live_teacher is not None:
+                _judge_generations(live_teacher, loaded, items, results[split], batch_size, progress, split)
+            for rows in results[split].values():
+                for r in rows:
+                    r.pop("_ids")
     split_metrics = _split_metrics(task, results, perturbations)
 
     report = {
@@ -251,6 +256,11 @@ def _aggregate(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         for k in ("f1", "precision", "recall"):
             out[f"rouge_l_{k}"] = float(np.mean([r["rouge_l"][k] for r in rows]))
         out["share_above_threshold"] = float(np.mean([r["correct"] for r in rows]))
+    if task in ("generation", "answer") and "teacher_nll_sum" in rows[0]:
+        n = sum(r["generated_tokens"] for r in rows)
+        out["teacher_nll"] = sum(r["teacher_nll_sum"] for r in rows) / n if n else None
+        out["generated_tokens"] = n
+        out["rouge_l_f1_vs_teacher"] = float(np.mean([r["rouge_l_vs_teacher"]["f1"] for r in rows]))
     return out
 
 
@@ -392,21 +402,49 @@ def _run_generate(model, items: list[Item], task: str, batch_size: int, max_new_
     tok = model.tokenizer
     prompts = [prompt_tokens(it, tok) for it in items]
     texts: list[str] = []
+    generated: list[list[int]] = []
     bar = _bar(len(items), f"{split}/{model.name}", progress)
     for b in range(0, len(items), batch_size):
         gens = model.generate(prompts[b : b + batch_size], max_new_tokens)
         texts.extend(tok.decode(g, skip_special_tokens=True) for g in gens)
+        generated.extend(gens)
         bar.update(len(gens))
     bar.close()
     out = []
-    for it, text in zip(items, texts):
+    for it, text, ids in zip(items, texts, generated):
         if task == "answer":
             ans, ref = extract_answer(text), extract_answer(it.reference)
-            out.append({"generation": text, "answer": ans, "reference_answer": ref, "correct": ans is not None and ans == ref})
+            out.append({"generation": text, "answer": ans, "reference_answer": ref, "correct": ans is not None and ans == ref, "_ids": ids})
         else:
             rl = M.rouge_l_multi(text, it.references)
-            out.append({"generation": text, "rouge_l": rl, "correct": rl["f1"] >= rouge_threshold})
+            out.append({"generation": text, "rouge_l": rl, "correct": rl["f1"] >= rouge_threshold, "_ids": ids})
     return out
+
+
+def _judge_generations(teacher, loaded: dict, items: list[Item], per_model: dict[str, list[dict]], batch_size: int, progress: bool, split: str) -> None:
+    """The teacher as judge of every model's free-running output: ``teacher_nll_sum`` over the
+    ``generated_tokens`` (the teacher's NLL of what the model wrote, given the prompt: lower = the teacher
+    would have written it too; what on-policy distillation trains for) and ``rouge_l_vs_teacher`` (ROUGE-L
+    against the teacher's own greedy answer). A model with another tokenizer is re-tokenised with the
+    teacher's. Adds the fields to each row in place."""
+    tok = teacher.tokenizer
+    prompts = [prompt_tokens(it, tok) for it in items]
+    teacher_texts = [r["generation"] for r in per_model["teacher"]]
+    for name, rows in per_model.items():
+        same_tok = _tok_key(teacher) == _tok_key(loaded[name])
+        gens = [r["_ids"] if same_tok else tok(r["generation"], add_special_tokens=False).input_ids for r in rows]
+        bar = _bar(len(rows), f"{split}/{name} judged by teacher", progress)
+        for b in range(0, len(rows), batch_size):
+            seqs = [prompts[i] + list(gens[i]) for i in range(b, min(b + batch_size, len(rows)))]
+            todo = [(i, s) for i, s in zip(range(b, b + len(seqs)), seqs) if len(gens[i])]
+            lps = teacher.logprob_rows([s for _, s in todo], [np.arange(len(prompts[i]), len(s)) for i, s in todo]) if todo else []
+            nll = {i: -float(lp[np.arange(len(gens[i])), np.asarray(gens[i])].sum()) for (i, _), lp in zip(todo, lps)}
+            for i in range(b, b + len(seqs)):
+                rows[i]["teacher_nll_sum"] = nll.get(i, 0.0)
+                rows[i]["generated_tokens"] = len(gens[i])
+                rows[i]["rouge_l_vs_teacher"] = M.rouge_l(rows[i]["generation"], teacher_texts[i])
+            bar.update(len(seqs))
+        bar.close()
 
 
 def _jsonable(v: Any) -> Any:
