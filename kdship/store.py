@@ -648,7 +648,7 @@ class StoreWriter:
                 old = _read_header(root, self.url)
                 diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(old, k)) != _canon(_settings_value(header, k))]
                 if diff:
-                    detail = "; ".join(f"{k}: store has {old.get(k)!r}, asked {header.get(k)!r}" for k in diff)
+                    detail = "; ".join(_describe_difference(old, header, k) for k in diff)
                     raise StoreSettingsMismatch(
                         f"{self.url}: an existing store was written with different settings ({detail}). "
                         "Use --overwrite to replace it, or --out for a new store."
@@ -841,6 +841,14 @@ def _settings_value(header: dict[str, Any], key: str) -> Any:
     if key == "teacher" and isinstance(v, dict):
         return {k: v.get(k) for k in TEACHER_IDENTITY_KEYS}
     return v
+
+
+def _describe_difference(old: dict[str, Any], new: dict[str, Any], key: str) -> str:
+    """One differing setting for an error message; for the teacher, the identity fields that differ."""
+    a, b = _settings_value(old, key), _settings_value(new, key)
+    if key == "teacher" and isinstance(a, dict) and isinstance(b, dict):
+        return "; ".join(f"teacher {f}: store has {a.get(f)!r}, asked {b.get(f)!r}" for f in TEACHER_IDENTITY_KEYS if a.get(f) != b.get(f))
+    return f"{key}: store has {old.get(key)!r}, asked {new.get(key)!r}"
 
 
 def _canon(v: Any) -> str:

@@ -95,6 +95,37 @@ def test_refusals(tmp_path, tiny_teacher, corpus_dir, hf_store):
     assert res.exit_code == 2 and "--overflow 'wrap'" in res.output
 
 
+def test_resume_refuses_another_teacher_or_chat_template(tmp_path, tiny_teacher, corpus_dir, hf_store):
+    """Resuming a store with a teacher whose chat template or weights changed (same path, same
+    vocabulary) is refused, naming the identity field; the store is left as it was."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    out, _ = hf_store
+    before = sorted(p.name for p in (out / "commits").iterdir())
+    args = dict(backend="hf", targets="topk", top_k=16, shard_size=4, progress=False)
+    templated = tmp_path / "teacher_template"
+    shutil.copytree(tiny_teacher, templated)
+    tok = AutoTokenizer.from_pretrained(templated)
+    assert "<|end|>\n" in tok.chat_template
+    tok.chat_template = tok.chat_template.replace("<|end|>\n", "<|end|>\n\n")  # another turn separator
+    tok.save_pretrained(templated)
+    with pytest.raises(CacheError, match=r"teacher chat_template_sha256: store has '[0-9a-f]+', asked '[0-9a-f]+'"):
+        cache(str(templated), str(corpus_dir / "chat.jsonl"), str(out), **args)
+    reweighted = tmp_path / "teacher_weights"
+    shutil.copytree(tiny_teacher, reweighted)
+    w = load_file(reweighted / "model.safetensors")
+    name = next(iter(w))
+    w[name] = w[name] + 1e-3
+    save_file(w, reweighted / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CacheError, match="teacher weights_sha256: store has") as err:
+        cache(str(reweighted), str(corpus_dir / "chat.jsonl"), str(out), **args)
+    assert "chat_template" not in str(err.value)  # only what differs is named
+    assert sorted(p.name for p in (out / "commits").iterdir()) == before
+
+
 def test_overflow_and_skip_bad(tmp_path, tiny_teacher, corpus_dir):
     data = tmp_path / "d.jsonl"
     long_text = " ".join(["the quick red dog runs over the hill"] * 20)

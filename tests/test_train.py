@@ -152,9 +152,10 @@ def StoreLoader_iter(store, seed):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(kd_store, tiny_student, tmp_path, mode):
-    """torchrun --nproc-per-node 2 (gloo, CPU; DDP or --fsdp) vs one process: equal losses step by step."""
+    """torchrun --nproc-per-node 2 (gloo, CPU; DDP or --fsdp) vs one process: equal losses step by step,
+    with the two-process run stopped after step 3 (its checkpoint written by both ranks) and resumed."""
     args = ["--student", str(tiny_student), "--max-steps", "6", "--batch-tokens", "600", "--lr", "3e-3", "--eval-every", "3",
-            "--ckpt-every", "0", "--heldout-fraction", "0.1", "--eval-samples", "8", "--no-progress", "--warmup-steps", "2"]
+            "--ckpt-every", "3", "--heldout-fraction", "0.1", "--eval-samples", "8", "--no-progress", "--warmup-steps", "2"]
     one = tmp_path / "one"
     train(str(kd_store), student=str(tiny_student), out=str(one), max_steps=6, batch_tokens=600, lr=3e-3, eval_every=3, ckpt_every=0,
           heldout_fraction=0.1, eval_samples=8, progress=False, warmup_steps=2)
@@ -162,15 +163,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(kd_store, ti
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
            "-m", "kdship", "train", str(kd_store), "--out", str(two), *args, *(["--fsdp"] if mode == "fsdp" else [])]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(cmd + ["--stop-after", "3"], env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (two / "checkpoints" / "step_0000003").is_dir() and not (two / "final").exists()
+    p = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((two / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["resumed_from"].endswith("step_0000003")
     a, b = _losses(one), _losses(two)
     assert [x[0] for x in a] == [x[0] for x in b] == list(range(1, 7))
     np.testing.assert_allclose([x[1] for x in b], [x[1] for x in a], rtol=2e-4)
-    ev = lambda r: [json.loads(x)["heldout_kl"] for x in (r / "metrics.jsonl").read_text().splitlines() if "heldout_kl" in x]  # noqa: E731
-    np.testing.assert_allclose(ev(two), ev(one), rtol=2e-4)
+    # held-out KL by step (the session that stopped at step 3 also evaluated there before stopping)
+    ev = lambda r: {json.loads(x)["step"]: json.loads(x)["heldout_kl"] for x in (r / "metrics.jsonl").read_text().splitlines() if "heldout_kl" in x}  # noqa: E731
+    assert sorted(ev(two)) == sorted(ev(one))
+    np.testing.assert_allclose([ev(two)[k] for k in sorted(ev(one))], [ev(one)[k] for k in sorted(ev(one))], rtol=2e-4)
     assert (two / "final" / "model.safetensors").is_file()
 
 
