@@ -132,6 +132,11 @@ def test_two_rounds_score_with_vllm_mix_round_data_and_never_load_the_teacher(fu
     assert summary["rounds"][0]["seconds"].keys() == {"train", "generate", "score"}
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [s["step"] for s in steps] == list(range(1, 10))
+    # CE (default weight 0.5) on the data's tokens only: a round store's tokens are the student's own samples
+    for s in steps:
+        want = s["kd"] if s.get("source", "main") != "main" else 0.5 * s["kd"] + 0.5 * s["ce"]
+        assert s["loss"] == pytest.approx(want, rel=1e-5), s
+    assert any(s.get("source", "main") != "main" for s in steps) and any(s.get("source", "main") == "main" for s in steps)
     assert (run / "final" / "model.safetensors").is_file()
     # the training process never opened a file of the teacher (the scorer, a subprocess, did)
     assert _opened(log) == []
