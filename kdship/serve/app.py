@@ -191,18 +191,39 @@ def _add_probe_routes(app: FastAPI, state: ServerState) -> None:
 
 
 # ----------------------------------------------------------------- prompts (on the tokenising thread)
-def _completion_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt).input_ids
+# A prompt much longer than the context is refused from a prefix: tokenising 1 MB of text costs the
+# tokenising thread (and, on a small machine, the decode loop's cores) about a second, and a prefix of
+# this many characters per context token that already overflows the context proves the whole does.
+PREFIX_CHARS_PER_TOKEN = 32
 
 
-def _chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def _prompt_ids(tokenizer, text: str, max_model_len: int, field: str, add_special_tokens: bool = True) -> list[int]:
+    """``text``'s token ids, or a 400 as soon as a prefix of it already overflows the context."""
+    limit = max_model_len * PREFIX_CHARS_PER_TOKEN
+    if len(text) > limit:
+        # cut before a space where there is one near the end (whole words tokenise as in the full text),
+        # and allow one token of slack for a cut inside a word
+        space = text.rfind(" ", limit // 2, limit)
+        cut = space if space > 0 else limit
+        n = len(tokenizer(text[:cut], add_special_tokens=add_special_tokens).input_ids) - 1
+        if n >= max_model_len:
+            raise APIError(400, f"{field}: at least {n} tokens in its first {cut:,} of {len(text):,} characters, "
+                                f"no room in the context of {max_model_len} tokens", field)  # fmt: skip
+    return tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+
+def _completion_prompt_ids(tokenizer, prompt: str, max_model_len: int) -> list[int]:
+    return _prompt_ids(tokenizer, prompt, max_model_len, "prompt")
+
+
+def _chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, max_model_len: int) -> list[int]:
     from jinja2.exceptions import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     except TemplateError as e:  # the template's own raise_exception(...): e.g. roles that must alternate
         raise APIError(400, f"messages: the model's chat template refuses them: {e}", "messages")
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return _prompt_ids(tokenizer, text, max_model_len, "messages", add_special_tokens=False)
 
 
 def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
@@ -210,7 +231,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
         if isinstance(body.prompt, str):
-            prompt_ids = await state.on_tokenize_thread(_completion_prompt_ids, state.tokenizer, body.prompt)
+            prompt_ids = await state.on_tokenize_thread(_completion_prompt_ids, state.tokenizer, body.prompt, state.max_model_len)
         else:
             prompt_ids = list(body.prompt)
             bad = [t for t in prompt_ids if not (0 <= t < state.vocab_size)]
@@ -224,7 +245,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
         if not getattr(state.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = await state.on_tokenize_thread(_chat_prompt_ids, state.tokenizer, msgs, body.add_generation_prompt)
+        prompt_ids = await state.on_tokenize_thread(_chat_prompt_ids, state.tokenizer, msgs, body.add_generation_prompt, state.max_model_len)
         return await _generate(state, body, prompt_ids, chat=True)
 
 
