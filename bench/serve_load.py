@@ -9,7 +9,7 @@ on the same requests. Ratios are measured side by side in one run.
 
     .venv/bin/python bench/serve_load.py [--requests 200] [--output-tokens 16] [--work DIR]
 
-Writes bench/results/serve.md (+ the profile report in bench/results/serve_profile/).
+Writes bench/results/serve_load.md, merged into serve.md (+ the profile report in bench/results/serve_profile/).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+SERVE_SECTIONS = ("serve_load.md", "serve_abuse.md")  # bench/results/serve.md, in this order
 
 
 
@@ -97,7 +98,7 @@ def main() -> None:
         return "-" if x is None else f"{1000 * x:.0f}"
 
     lines = [
-        "# Serving benchmark: ONNX endpoint under load",
+        "## ONNX endpoint under load (bench/serve_load.py)",
         "",
         f"Machine: {_machine()} ({platform.platform()}). "
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `.venv/bin/python bench/serve_load.py`; "
@@ -142,7 +143,10 @@ def main() -> None:
         "",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.md").write_text("\n".join(lines), encoding="utf-8")
+    (RESULTS / "serve_load.md").write_text("\n".join(lines), encoding="utf-8")
+    from run_all import combine_area
+
+    combine_area("serve", "kdship serve benchmarks", first=SERVE_SECTIONS)
     print("\n".join(lines))
 
 

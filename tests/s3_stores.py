@@ -18,33 +18,43 @@ from kdship.store import StoreReader
 BUCKET = "kdship-test"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port; env for this process and the writers it starts.
+def start_moto_server(log_path) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in its own process on a free loopback port, answering; (process, endpoint URL).
 
-    The server runs in its own process: moto's server is a Flask app, and Flask's context proxies in
-    this process's modules break vLLM's engine start-up later in the suite (its Triton-kernel rebinding
-    touches every module attribute, and a proxy raises "Working outside of application context")."""
-    import fsspec.config
-
+    Its own process: moto's server is a Flask app, and Flask's context proxies in a process's modules
+    break vLLM's engine start-up there (its Triton-kernel rebinding touches every module attribute,
+    and a proxy raises "Working outside of application context"). bench/store_writers_s3.py uses it too."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as fh:
+    with open(log_path, "wb") as fh:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=fh, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-            break
+            return server, endpoint
         except OSError:
             if server.poll() is not None or time.time() > deadline:
                 server.kill()
-                pytest.fail(f"moto server did not start on {endpoint}:\n{log.read_text()[-2000:]}")
+                raise RuntimeError(f"moto server did not start on {endpoint}:\n{open(log_path).read()[-2000:]}") from None
             time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free loopback port (start_moto_server); env for this process and the writers it starts."""
+    import fsspec.config
+
+    try:
+        server, endpoint = start_moto_server(tmp_path_factory.mktemp("moto") / "server.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    env = {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # fsspec read the environment at import

@@ -53,7 +53,14 @@ def test_layout_and_report(exported):
     assert v["onnx"]["max_abs_logit_diff"] < 1e-3
     assert v["onnx"]["greedy_identical"] == v["onnx"]["greedy_prompts"] == 6
     assert v["hf"]["max_abs_logit_diff"] < 1e-5
-    assert 0.0 <= v["onnx_int8"]["top1_agreement"] <= 1.0 and math.isfinite(v["onnx_int8"]["max_abs_logit_diff"])
+    # int8 drifts (reported, not gated), but it must still be the same model: its argmax agrees on most
+    # teacher-forced steps, a greedy run leaves PyTorch's path only where PyTorch's top two logits lie
+    # closer than int8's own logit error, and its distribution gives nearly the same KL (checked below)
+    q = v["onnx_int8"]
+    assert q["finite"] and 0.0 < q["max_abs_logit_diff"] < 1.0
+    assert q["top1_agreement"] >= 0.75, q
+    for d in q["divergences"]:
+        assert d["pytorch_top2_gap"] <= 2 * q["max_abs_logit_diff"], d
     # vLLM loaded the hf folder as it is and reproduced PyTorch's greedy tokens
     assert "skipped" not in v["vllm"], v["vllm"]
     assert v["vllm"]["greedy_identical"] == 6 and v["vllm"]["max_abs_logprob_diff"] < 1e-3
@@ -63,6 +70,7 @@ def test_layout_and_report(exported):
         assert math.isfinite(kl[name]) and kl[name] > 0, name
     # the fp32 formats compute the same function, so the same KL
     assert abs(kl["onnx"] - kl["pytorch"]) < 1e-3 and abs(kl["vllm"] - kl["pytorch"]) < 1e-3
+    assert abs(kl["onnx_int8"] - kl["pytorch"]) < 0.01 * kl["pytorch"]
 
 
 def test_onnx_left_padded_batch_equals_unpadded_and_pytorch(exported, tiny_student):
