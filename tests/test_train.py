@@ -234,3 +234,15 @@ def test_final_is_replaced_so_that_a_complete_student_always_exists(tmp_path):
     replace_final(tmp_path / "b", run)
     assert json.loads((run / "final" / "config.json").read_text())["marker"] == "new"
     assert not (run / FINAL_PREVIOUS_DIR).exists() and final_dir(run) == run / "final"
+
+
+def test_peak_memory_is_the_trainers_own_not_its_parents():
+    """Linux carries ru_maxrss over fork + exec: a trainer started by a big process (a notebook, a
+    pipeline holding a teacher) must not report its parent's peak as its own."""
+    code = "import torch; from kdship.train.trainer import _peak_memory_mb; print(_peak_memory_mb(torch.device('cpu')))"
+    big = bytearray(768 << 20)
+    big[:: 4096] = b"\x01" * len(range(0, len(big), 4096))  # touch every page: 768 MiB resident here
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 700, out.stdout  # torch alone is a few hundred MiB
+    del big

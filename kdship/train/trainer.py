@@ -34,6 +34,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,7 +519,16 @@ def _peak_memory_mb(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    # This process's own peak RSS. Not ru_maxrss: Linux carries it over fork + exec, so a trainer started
+    # from a big process (a notebook, a pipeline holding a teacher) would report its parent's peak.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 # --------------------------------------------------------------------------------------------------
