@@ -155,8 +155,8 @@ def write_md(rows, kl0, V, n_train, epochs, held_texts, n_variants) -> None:
 
 
 def combine_results() -> None:
-    """bench/results/train.md = the throughput, fidelity (tiny and SmolLM2 teachers) and recipe results, whichever exist."""
-    names = ("train_throughput.md", "train_fidelity.md", "train_fidelity_smollm2.md", "train_recipe_demo.md")
+    """bench/results/train.md = the throughput, fidelity (tiny and SmolLM2 teachers), recipe and on-policy results, whichever exist."""
+    names = ("train_throughput.md", "train_fidelity.md", "train_fidelity_smollm2.md", "train_recipe_demo.md", "train_onpolicy_demo.md")
     parts = [(RESULTS / f).read_text() for f in names if (RESULTS / f).is_file()]
     (RESULTS / "train.md").write_text("\n\n".join(parts))
 
