@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,19 @@ def test_peak_memory_is_the_trainers_own_not_its_parents():
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) < 700, out.stdout  # torch alone is a few hundred MiB
     del big
+
+
+def test_loader_close_stops_its_batch_thread_when_the_consumer_stopped_early(kd_store):
+    """--stop-after and on-policy phases stop consuming mid-epoch: close() must leave no batch thread
+    running (one still inside torch's C++ at interpreter exit aborted the process)."""
+    import threading
+
+    ld = StoreLoader(str(kd_store), batch_tokens=100, seed=0, heldout_fraction=0.1, max_epochs=3, prefetch_batches=1)
+    it = iter(ld)
+    next(it)
+    time.sleep(0.5)  # the producer fills the queue and waits on it
+    t0 = time.perf_counter()
+    ld.close()
+    assert time.perf_counter() - t0 < 30
+    assert not [t for t in threading.enumerate() if t.name == "kdship-batches" and t.is_alive()]
+    del it

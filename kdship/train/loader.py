@@ -231,6 +231,7 @@ class StoreLoader:
         # (one pool for both would deadlock when the group task holds the only worker)
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kdship-decode")
         self._group_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdship-group")
+        self._producers: list[tuple[threading.Event, threading.Thread]] = []  # batch threads, joined by close()
         self.skipped_empty = 0
 
     # -- order ---------------------------------------------------------------------------------------
@@ -302,22 +303,27 @@ class StoreLoader:
         stop = threading.Event()
         end = object()
 
+        def put(item) -> bool:
+            """Hand ``item`` to the consumer; False once it has stopped (never block on a full queue then)."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce():
             try:
                 for b in self._batches():
-                    while not stop.is_set():
-                        try:
-                            q.put(b, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(b):
                         return
-                q.put(end)
+                put(end)
             except BaseException as e:  # surface decode errors (e.g. a failed checksum) in the trainer
-                q.put(e)
+                put(e)
 
         t = threading.Thread(target=produce, name="kdship-batches", daemon=True)
+        self._producers.append((stop, t))
         t.start()
         try:
             while True:
@@ -399,7 +405,15 @@ class StoreLoader:
     def state_dict(self) -> dict[str, Any]:
         return dict(self.state)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the batch threads and wait for them: a consumer that stops early (--stop-after, an
+        on-policy phase) leaves one mid-collation, and a thread still inside torch's C++ while the
+        interpreter exits aborts the process ("terminate called without an active exception")."""
+        for stop, _ in self._producers:
+            stop.set()
+        for _, t in self._producers:
+            t.join(timeout)
+        self._producers = [(stop, t) for stop, t in self._producers if t.is_alive()]
         self._group_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
