@@ -161,3 +161,10 @@ def test_parse_perturbations_names_the_unknown_one():
     assert parse_perturbations(None) == []
     with pytest.raises(ValueError, match="'typos'"):
         parse_perturbations("typos")
+
+
+def test_repeated_ngram_share_hand_values():
+    assert M.repeated_ngram_share("a b c d a b c d a b c d") == pytest.approx(5 / 9)  # 9 4-grams, 4 distinct
+    assert M.repeated_ngram_share("the quick brown fox jumps over the lazy dog") == 0.0
+    assert M.repeated_ngram_share("too short") == 0.0
+    assert M.repeated_ngram_share("x y x y", n=2) == pytest.approx(1 / 3)

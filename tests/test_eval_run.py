@@ -220,6 +220,9 @@ def test_generation_judged_by_the_teacher(hf, tiny_teacher, tiny_student, tmp_pa
     # a random student writes what the teacher would not: the teacher finds it far less likely than its own text
     assert m["kd"]["teacher_nll"] > m["teacher"]["teacher_nll"] + 1.0
     assert "teacher NLL of own generations" in (tmp_path / "rep" / "report.md").read_text()
+    for name in ("teacher", "kd"):
+        gens = [i["generation"] for i in its.values() if i["model"] == name]
+        assert m[name]["repeated_4gram_share"] == pytest.approx(np.mean([M.repeated_ngram_share(g) for g in gens]))
 
 
 def test_bad_input_names_file_line_and_option(tiny_student, tmp_path):

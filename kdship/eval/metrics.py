@@ -60,6 +60,22 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
     return prev[-1]
 
 
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of the word n-grams of ``text`` that already occurred earlier in it: 0 without repetition,
+    near 1 for a loop of one phrase. A degenerate loop is easy for a teacher to predict from its own
+    context, so the teacher's NLL of a generation needs this beside it."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    seen: set = set()
+    repeated = 0
+    for g in grams:
+        repeated += g in seen
+        seen.add(g)
+    return repeated / len(grams)
+
+
 def rouge_l(candidate: str, reference: str) -> dict[str, float]:
     """ROUGE-L precision, recall and F1 of one candidate against one reference (word level)."""
     c, r = rouge_tokens(candidate), rouge_tokens(reference)
@@ -151,6 +167,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "answer_found": True,
     "teacher_nll": False,  # the teacher's NLL per token of the model's own greedy generations
     "rouge_l_f1_vs_teacher": True,
+    "repeated_4gram_share": False,
 }
 
 

@@ -33,7 +33,7 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         head.append("KL to teacher (id)")
     judged = any("teacher_nll" in m for m in report["splits"]["id"]["metrics"].values())
     if judged:
-        head += ["teacher NLL of own generations (id)", "ROUGE-L F1 vs teacher's answer (id)"]
+        head += ["teacher NLL of own generations (id)", "ROUGE-L F1 vs teacher's answer (id)", "repeated 4-grams (id)"]
     if has_asr:
         head += [f"ASR {SPLIT_TITLES.get(s, s)}" for s in perts]
     intro = f"**{metric}** ({direction})"
@@ -45,7 +45,7 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         intro += "; KL to teacher in nats per scored token (lower is better)"
     if judged:
         intro += ("; teacher NLL = the teacher's nats per token of the model's own greedy output given the prompt "
-                  "(lower = the teacher would have written it)")
+                  "(lower = the teacher would have written it; read it with the repeated 4-gram share: a loop is cheap to predict)")
     if has_asr:
         intro += ". ASR = attack success rate (share of items right before the perturbation and wrong after; lower is better)"
     lines = [
@@ -63,7 +63,7 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         if has_kl:
             cells.append(_fmt(report["splits"]["id"]["metrics"][name].get("kl_to_teacher")))
         if judged:
-            cells += [_fmt(report["splits"]["id"]["metrics"][name].get(k)) for k in ("teacher_nll", "rouge_l_f1_vs_teacher")]
+            cells += [_fmt(report["splits"]["id"]["metrics"][name].get(k)) for k in ("teacher_nll", "rouge_l_f1_vs_teacher", "repeated_4gram_share")]
         if has_asr:
             for s in perts:
                 cells.append(_fmt(report["splits"][s]["metrics"][name].get("attack_success_rate"), pct=True))

@@ -261,6 +261,8 @@ def _aggregate(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["teacher_nll"] = sum(r["teacher_nll_sum"] for r in rows) / n if n else None
         out["generated_tokens"] = n
         out["rouge_l_f1_vs_teacher"] = float(np.mean([r["rouge_l_vs_teacher"]["f1"] for r in rows]))
+    if task in ("generation", "answer"):
+        out["repeated_4gram_share"] = float(np.mean([r["repeated_4gram_share"] for r in rows]))
     return out
 
 
@@ -412,12 +414,13 @@ def _run_generate(model, items: list[Item], task: str, batch_size: int, max_new_
     bar.close()
     out = []
     for it, text, ids in zip(items, texts, generated):
+        rep = {"repeated_4gram_share": M.repeated_ngram_share(text)}
         if task == "answer":
             ans, ref = extract_answer(text), extract_answer(it.reference)
-            out.append({"generation": text, "answer": ans, "reference_answer": ref, "correct": ans is not None and ans == ref, "_ids": ids})
+            out.append({"generation": text, "answer": ans, "reference_answer": ref, "correct": ans is not None and ans == ref, **rep, "_ids": ids})
         else:
             rl = M.rouge_l_multi(text, it.references)
-            out.append({"generation": text, "rouge_l": rl, "correct": rl["f1"] >= rouge_threshold, "_ids": ids})
+            out.append({"generation": text, "rouge_l": rl, "correct": rl["f1"] >= rouge_threshold, **rep, "_ids": ids})
     return out
 
 
