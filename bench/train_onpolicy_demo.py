@@ -132,7 +132,7 @@ def main() -> None:
                 state_file.write_text(json.dumps(state, indent=1))
                 print(on_key, {k: v for k, v in state["runs"][on_key].items() if k != "rounds"}, flush=True)
         wanted = sorted(state["runs"])
-        if state.get("eval") is None or state["eval"]["models"] != wanted:
+        if state.get("eval") is None or state["eval"]["models"] != wanted or "repeated_4gram_share" not in next(iter(state["eval"]["gen"].values())):
             from kdship.eval.run import evaluate
 
             models = {k: state["runs"][k]["final"] for k in wanted}
@@ -140,7 +140,7 @@ def main() -> None:
                            max_new_tokens=a.max_new_tokens, progress=False)  # fmt: skip
             lm = evaluate(models=models, data=assets["data"]["heldout"], teacher=teacher, perturb=(), out=str(WORK / "eval_lm"), task="lm",
                           limit=a.eval_items, progress=False)  # fmt: skip
-            keep = ("teacher_nll", "rouge_l_f1_vs_teacher", "rouge_l_f1", "generated_tokens")
+            keep = ("teacher_nll", "rouge_l_f1_vs_teacher", "rouge_l_f1", "generated_tokens", "repeated_4gram_share")
             state["eval"] = {"models": wanted, "gen": {m: {k: v.get(k) for k in keep} for m, v in gen["splits"]["id"]["metrics"].items()},
                              "lm": {m: {k: v.get(k) for k in ("perplexity", "kl_to_teacher")} for m, v in lm["splits"]["id"]["metrics"].items()}}  # fmt: skip
         state["wall_s"] = state.get("wall_s", 0.0) + time.time() - t_all
@@ -164,8 +164,8 @@ def write_md(state, sizes, seeds, a) -> None:
         "to the first user turn (lower = the teacher would have written it); ROUGE-L F1 of that answer vs the teacher's greedy answer and vs "
         "the chat's own answer; perplexity and full-vocabulary KL to the teacher on the whole held-out chats (teacher-forced).",
         "",
-        "| variant | teacher NLL of own answers (seeds) | mean | ROUGE-L vs teacher (seeds) | mean | ROUGE-L vs reference (mean) | held-out perplexity (mean) | held-out KL (mean) | train wall s (mean) | trainer peak RSS MB (max; own VmHWM) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | teacher NLL of own answers (seeds) | mean | repeated 4-grams in them (mean) | answer tokens (mean) | ROUGE-L vs teacher (seeds) | mean | ROUGE-L vs reference (mean) | held-out perplexity (mean) | held-out KL (mean) | train wall s (mean) | trainer peak RSS MB (max; own VmHWM) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     means = {}
     for v in variants:
@@ -180,21 +180,26 @@ def write_md(state, sizes, seeds, a) -> None:
         nll, nll_s, nll_m = col("gen", "teacher_nll", "{:.3f}")
         rt, rt_s, rt_m = col("gen", "rouge_l_f1_vs_teacher", "{:.3f}")
         _, _, rr_m = col("gen", "rouge_l_f1", "{:.3f}")
+        _, _, rep_m = col("gen", "repeated_4gram_share", "{:.3f}")
+        _, _, len_m = col("gen", "generated_tokens", "{:.0f}")
         _, _, ppl_m = col("lm", "perplexity", "{:.1f}")
         _, _, kl_m = col("lm", "kl_to_teacher", "{:.3f}")
         means[v] = sum(nll) / len(nll)
         wall = sum(state["runs"][k]["wall_s"] for k in keys) / len(keys)
         mems = [state["runs"][k]["peak_mem_mb"] for k in keys if state["runs"][k].get("peak_mem_own") and state["runs"][k].get("peak_mem_mb")]
         mem = f"{max(mems):.0f}" if mems else "-"
-        lines.append(f"| {v} | {nll_s} | {nll_m} | {rt_s} | {rt_m} | {rr_m} | {ppl_m} | {kl_m} | {wall:.0f} | {mem} |")
+        lines.append(f"| {v} | {nll_s} | {nll_m} | {rep_m} | {len_m} | {rt_s} | {rt_m} | {rr_m} | {ppl_m} | {kl_m} | {wall:.0f} | {mem} |")
     if ev and "teacher" in ev["gen"]:
         t = ev["gen"]["teacher"]
-        lines.append(f"| teacher | {t['teacher_nll']:.3f} | | 1 | | {t['rouge_l_f1']:.3f} | {ev['lm']['teacher']['perplexity']:.1f} | 0 | | |")
+        lines.append(f"| teacher | {t['teacher_nll']:.3f} | | {t['repeated_4gram_share']:.3f} | {t['generated_tokens']} | 1 | | {t['rouge_l_f1']:.3f} | "
+                     f"{ev['lm']['teacher']['perplexity']:.1f} | 0 | | |")
     lines.append("")
     if len(means) == 2:
         off, on = means[variants[0]], means[variants[1]]
-        lines.append(f"Teacher NLL of the students' own answers, mean of the seeds: on-policy {on:.3f} vs off-policy {off:.3f} "
-                     f"({'on-policy lower: the teacher agrees more with what it writes' if on < off else 'on-policy not lower'}).")
+        reps = {v: sum(ev["gen"][f"{v} | seed {sd}"]["repeated_4gram_share"] for sd in seeds) / len(seeds) for v in variants}
+        lines.append(f"Teacher NLL of the students' own answers, mean of the seeds: on-policy {on:.3f} vs off-policy {off:.3f}; "
+                     f"repeated 4-grams {reps[variants[1]]:.3f} vs {reps[variants[0]]:.3f} (teacher {ev['gen']['teacher']['repeated_4gram_share']:.3f}). "
+                     "A lower teacher NLL counts only with no more repetition: a loop is cheap for the teacher to predict from its own context.")
     on_runs = [r for k, r in state["runs"].items() if k.startswith("on-policy") and "rounds" in r]
     if on_runs:
         shares = {}
