@@ -154,3 +154,62 @@ def test_detokenizer_matches_a_full_decode_on_random_tokens_in_linear_time(token
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
     # Re-decoding the whole output at every token would decode ~2,000,000 tokens.
     assert decoded < 20 * len(ids), decoded
+
+
+def test_draining_server_answers_503_and_finishes_its_streams(export_dir):
+    """What the lifespan does on SIGTERM (draining on, the engine stops taking requests and finishes
+    the ones it has), triggered directly on a live server: a new request gets 503 and /health 503,
+    while a stream already running ends with all its tokens. (After a real SIGTERM uvicorn stops
+    accepting connections first, so a client cannot reach this state from outside.)"""
+    import threading
+    import time
+
+    import uvicorn
+
+    from kdship.runtime.server_process import free_port
+    from kdship.serve.server import build_onnx_app
+
+    app = build_onnx_app(export_dir / "onnx", max_batch=2, max_queue=8, max_model_len=128)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.1)
+    state = app.state.kd
+    tokens, started = [], threading.Event()
+
+    def stream():
+        body = {"prompt": "the cat", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    ev = json.loads(line[6:])
+                    if ev.get("usage"):
+                        tokens.append(ev["usage"]["completion_tokens"])
+                    started.set()
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    try:
+        assert started.wait(60), "the stream never started"
+        state.draining = True  # as the lifespan does after SIGTERM
+        drainer = threading.Thread(target=state.engine.shutdown, args=(True, 60.0))
+        drainer.start()
+        late = httpx.post(url + "/v1/completions", json={"prompt": "too late", "max_tokens": 2}, timeout=30)
+        assert late.status_code == 503 and late.json()["error"]["type"] == "server_error", late.text
+        assert httpx.get(url + "/health", timeout=10).status_code == 503
+        streamer.join(120)
+        drainer.join(60)
+        assert tokens == [60]  # the running stream was finished, not cut
+    finally:
+        server.should_exit = True
+        serving.join(60)
