@@ -172,6 +172,32 @@ def test_resume_after_sigkill_past_round_1_generation_gives_the_same_weights(ful
     assert _opened(log) == []
 
 
+@pytest.mark.parametrize("kill_at, phase_done", [("generate:1", "trained"), ("train:7", "scored")])
+def test_resume_after_a_crash_inside_generate_or_train_gives_the_same_weights(full_run, main_store, tiny_teacher, tiny_student, corpus_dir, tmp_path, kill_at, phase_done):
+    """The run SIGKILLs itself (KDSHIP_TEST_KILL_AT) inside round 1's generation (after its first prompt)
+    or inside phase 2's training (after step 7 of 9, past the last checkpoint at 6); --resume then
+    gives the uninterrupted run's final weights."""
+    from kdship.train.trainer import TEST_KILL_AT
+
+    run, log = tmp_path / "run", tmp_path / "opened.txt"
+    args = _train_args(main_store, tiny_student, tiny_teacher, corpus_dir / "prompts.jsonl", run)
+    killed = subprocess.run(args, env={**_env(tiny_teacher, log), TEST_KILL_AT: kill_at}, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    phases = json.loads((run / "rounds" / "state.json").read_text())["phases"]
+    assert phases[1][phase_done] and not phases[2]["trained"]
+    if kill_at.startswith("generate"):
+        assert not phases[1]["generated"] and not (run / "rounds" / "1" / "generations.jsonl").exists()  # complete or absent
+    else:
+        assert not (run / "final").exists()
+    resumed = subprocess.run(args + ["--resume"], env=_env(tiny_teacher, log), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run / "rounds" / "1" / "generations.jsonl").read_text() == (full_run[0] / "rounds" / "1" / "generations.jsonl").read_text()
+    a, b = _final_weights(full_run[0]), _final_weights(run)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    assert _opened(log) == []
+
+
 def test_mix_teacher_loads_the_teacher_in_the_generate_phase_which_the_hook_sees(main_store, tiny_teacher, tiny_student, corpus_dir, tmp_path):
     """--mix-teacher needs the teacher at generation time: the same audit hook then logs its files, so
     the empty logs of the runs above are evidence, not an artefact of a hook that sees nothing."""

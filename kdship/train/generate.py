@@ -98,7 +98,11 @@ def generate_responses(student, tok, prompts: str, out: Path, round_index: int, 
     vocab = len(tok)
     student.eval()
     records, tokens, empty = [], 0, 0
-    for row in rows:
+    from kdship.train.trainer import kill_point_for_tests
+
+    for n, row in enumerate(rows):
+        if n == 1:
+            kill_point_for_tests("generate", round_index)  # tests: a crash after the first prompt's samples
         s = generation_seed(seed, round_index, row.index)
         outs = _sample_one_prompt(student, teacher, render_prompt(row, tok), samples_per_prompt, max_new_tokens, eos, vocab, alpha, temperature, s)
         for j, ids in enumerate(outs):

@@ -514,6 +514,19 @@ class Metrics:
             self.tb.close()
 
 
+TEST_KILL_AT = "KDSHIP_TEST_KILL_AT"
+
+
+def kill_point_for_tests(phase: str, n: int) -> None:
+    """Tests only (tests/test_onpolicy.py): with $KDSHIP_TEST_KILL_AT = "PHASE:N" the process SIGKILLs
+    itself at that point ("train:7" after training step 7, "generate:1" inside round 1's generation),
+    as a crash would: a deterministic place to kill, where a timed kill would race a fast phase."""
+    if os.environ.get(TEST_KILL_AT) == f"{phase}:{n}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _peak_memory_mb(device) -> float:
     import torch
 
@@ -910,6 +923,7 @@ def _train_loop(run: _Run) -> dict[str, Any]:
             if step % int(cfg["log_every"]) == 0:
                 window_tokens, window_t = 0, now
             metrics.log(rec)
+            kill_point_for_tests("train", step)
             last_rec = rec
             if bar is not None:
                 bar.update(1)
