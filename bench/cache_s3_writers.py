@@ -42,15 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
+from s3_stores import COMPARED_ARRAYS, cache_cmd  # noqa: E402  (the tests' own command line and comparison)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-ARRAYS = ("tokens", "offsets", "loss_mask", "target_ids", "target_logprobs", "target_counts", "rest_logmass", "token_logprob")
-
-
-def _cache_cmd(teacher: Path, data: Path, url: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kdship", "cache", str(teacher), str(data), "--out", url, "--backend", "hf", "--shard-size", "1", "--no-progress", *extra]
-
 
 def _records(fs, url: str) -> list[str]:
     from kdship.store import COMMITS_DIR
@@ -67,7 +61,7 @@ def check(url: str, fs, ref: dict, n_rows: int) -> dict:
     r = StoreReader(url)
     shards = {p: r.read_shard(p) for p in r.shard_paths}  # checksums verified on read
     counts = Counter(int(s["sample_index"]) for s in r.iter_samples())
-    differ = [p for p in ref if p not in shards or any(not np.array_equal(getattr(ref[p], a), getattr(shards[p], a)) for a in ARRAYS)]
+    differ = [p for p in ref if p not in shards or any(not np.array_equal(getattr(ref[p], a), getattr(shards[p], a)) for a in COMPARED_ARRAYS)]
     return {
         "complete": bool(r.header.get("complete")),
         "shards": len(shards),
@@ -81,7 +75,7 @@ def check(url: str, fs, ref: dict, n_rows: int) -> dict:
 def run_processes(teacher, data, url, fs, env, writers: int, kill: int, n_rows: int, rng: random.Random) -> dict:
     """W writer processes at once, K killed at random points, the K rerun."""
     t0 = time.time()
-    procs = [subprocess.Popen(_cache_cmd(teacher, data, url, "--num-shards", str(writers), "--shard-index", str(i)), env=env,
+    procs = [subprocess.Popen(cache_cmd(teacher, data, url, "--num-shards", str(writers), "--shard-index", str(i)), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(writers)]  # fmt: skip
     victims = sorted(rng.sample(range(writers), kill))
     per_writer = -(-n_rows // writers)
@@ -110,7 +104,7 @@ def run_processes(teacher, data, url, fs, env, writers: int, kill: int, n_rows: 
         if i not in victims and p.returncode != 0:
             raise SystemExit(f"writer {i} failed:\n{err[-2000:]}")
     at_kill = check(url, fs, {}, n_rows)
-    rerun = [subprocess.Popen(_cache_cmd(teacher, data, url, "--num-shards", str(writers), "--shard-index", str(i), "--json"), env=env,
+    rerun = [subprocess.Popen(cache_cmd(teacher, data, url, "--num-shards", str(writers), "--shard-index", str(i), "--json"), env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in victims]  # fmt: skip
     skipped = []
     for i, p in zip(victims, rerun):

@@ -80,8 +80,17 @@ def store_arrays(url):
     return {p: r.read_shard(p) for p in r.shard_paths}
 
 
+# the shard arrays two stores of the same rows must hold identically
+COMPARED_ARRAYS = ("tokens", "offsets", "loss_mask", "target_ids", "target_logprobs", "target_counts", "rest_logmass", "token_logprob")
+
+
+def cache_cmd(teacher, data, url, *extra) -> list[str]:
+    """`kdship cache` of ``data`` into ``url``, one shard per row, hf backend, as its own process."""
+    return [sys.executable, "-m", "kdship", "cache", str(teacher), str(data), "--out", str(url), "--backend", "hf", "--shard-size", "1", "--no-progress", *extra]
+
+
 def assert_same_arrays(a, b):
     assert list(a) == list(b)
     for p in a:
-        for name in ("tokens", "offsets", "loss_mask", "target_ids", "target_logprobs", "target_counts", "rest_logmass", "token_logprob"):
+        for name in COMPARED_ARRAYS:
             np.testing.assert_array_equal(getattr(a[p], name), getattr(b[p], name), err_msg=f"{p}/{name}")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from kdship.store import COMMITS_DIR, Shard, StoreReader, StoreWriter
-from s3_stores import BUCKET, assert_same_arrays, store_arrays
+from s3_stores import BUCKET, assert_same_arrays, cache_cmd, store_arrays
 
 HEADER = {
     "mode": "score", "top_k": 4, "targets": "topk", "teacher": {"name_or_path": "t"}, "sampling": {}, "logprobs_mode": "raw_logprobs",
@@ -78,10 +78,6 @@ def test_commit_refused_when_settings_changed_under_the_writer(s3):
     assert "flask" not in sys.modules  # the S3 server is another process (tests/s3_stores.py: Flask here breaks vLLM)
 
 
-def _cache_cmd(teacher, data, url, *extra):
-    return [sys.executable, "-m", "kdship", "cache", str(teacher), str(data), "--out", url, "--backend", "hf", "--shard-size", "1", "--no-progress", *extra]
-
-
 def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny_teacher, tiny_student, corpus_dir):
     """`kdship cache` into s3://: 3 concurrent writers (--num-shards 3), and one writer SIGKILLed after
     its first commits then rerun; both stores equal a single local writer's, shard by shard. Then
@@ -97,7 +93,7 @@ def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny
     assert len(ref_arrays) == 6
 
     url = f"s3://{BUCKET}/three"
-    procs = [subprocess.Popen(_cache_cmd(tiny_teacher, data, url, "--num-shards", "3", "--shard-index", str(i)), env=s3["env"],
+    procs = [subprocess.Popen(cache_cmd(tiny_teacher, data, url, "--num-shards", "3", "--shard-index", str(i)), env=s3["env"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(3)]  # fmt: skip
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -113,7 +109,7 @@ def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny
         s3["fs"].invalidate_cache(records)
         return len(s3["fs"].ls(records, detail=False)) if s3["fs"].exists(records) else 0
 
-    p = subprocess.Popen(_cache_cmd(tiny_teacher, data, killed), env=s3["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cache_cmd(tiny_teacher, data, killed), env=s3["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while n_records() < 2 and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.05)
@@ -122,7 +118,7 @@ def test_cache_over_s3_concurrent_killed_and_rerun_then_train(s3, tmp_path, tiny
     n_at_kill = n_records()
     assert 2 <= n_at_kill < 6, f"the kill came too late ({n_at_kill} shards committed)"
     assert not StoreReader(killed).complete
-    res = subprocess.run(_cache_cmd(tiny_teacher, data, killed, "--json"), env=s3["env"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cache_cmd(tiny_teacher, data, killed, "--json"), env=s3["env"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout[res.stdout.rindex('{\n "store"') :])
     assert summary["shards_skipped"] == n_at_kill and summary["complete"] is True
