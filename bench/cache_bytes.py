@@ -186,7 +186,7 @@ def merge_results() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from run_all import combine_area
 
-    combine_area("cache", "kdship cache benchmarks", first=("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md"))
+    combine_area("cache")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -115,7 +115,7 @@ def write_md(rows: list[dict], n_fit: int, n_held: int) -> None:
         lines.append(f"| {r['dim']} | {r['variance_kept']} | {i['bytes_per_position_per_layer']} | {i['rel_rms_error']:.2g} | "
                      f"{i['max_error_over_row_max']:.2g} | {f['bytes_per_position_per_layer']} | {f['rel_rms_error']:.2g} |")
     (bench / "results" / "cache_hint.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    combine_area("cache", "kdship cache benchmarks", first=("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md"))
+    combine_area("cache")
 
 
 if __name__ == "__main__":

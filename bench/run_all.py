@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["cache", "train", "export", "serve", "eval", "demo"]
+ORDER = ["cache", "train", "student", "export", "serve", "eval", "demo"]
 
 
 def machine() -> str:
@@ -39,18 +39,29 @@ def machine_with_load() -> str:
     return f"{machine()}, CPU only; load average {load:.1f} when this was written"
 
 
-def combine_area(area: str, title: str, first: tuple[str, ...] = ()) -> Path:
-    """``results/<area>.md`` = every ``results/<area>_*.md`` section (``first`` in that order, then the
-    rest by name), so no script's section drops another's."""
+# the areas whose scripts' sections are combined into results/<area>.md: title, then sections in this order
+# (any other results/<area>_*.md after them, by name), so no script's section drops another's
+AREAS = {
+    "cache": ("kdship cache benchmarks", ("cache_overhead.md", "cache_bytes.md", "cache_bytes_headtail.md")),
+    "train": ("kdship train benchmarks", ("train_throughput.md", "train_fidelity.md", "train_fidelity_smollm2.md", "train_recipe_demo.md",
+                                          "train_hint_demo.md", "train_onpolicy_demo.md")),
+    "serve": ("kdship serve benchmarks", ("serve_load.md", "serve_abuse.md")),
+}
+
+
+def combine_area(area: str, out: Path | None = None) -> Path:
+    """Write ``results/<area>.md`` (or ``out``): the area's title and every ``results/<area>_*.md`` section."""
+    title, first = AREAS[area]
     res = BENCH / "results"
     names = [n for n in first if (res / n).is_file()]
     names += sorted(p.name for p in res.glob(f"{area}_*.md") if p.name not in names)
-    out = res / f"{area}.md"
+    out = out or res / f"{area}.md"
     out.write_text(f"# {title}\n\n" + "\n".join((res / n).read_text() for n in names), encoding="utf-8")
     return out
 
 
-def merge() -> Path:
+def merge(out: Path | None = None) -> Path:
+    """Write RESULTS.md (or ``out``) from the sections in bench/results/: only from what scripts wrote."""
     sections = sorted((BENCH / "results").glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
     # an area that already combines its scripts' parts in <area>.md is not repeated from <area>_*.md
     combined = {p.stem for p in sections}
@@ -62,7 +73,7 @@ def merge() -> Path:
         "Speed goals live here, never in timed tests.\n",
     ]
     parts += [p.read_text(encoding="utf-8").rstrip() + "\n" for p in sections]
-    out = BENCH / "RESULTS.md"
+    out = out or BENCH / "RESULTS.md"
     out.write_text("\n".join(parts), encoding="utf-8")
     return out
 

@@ -256,9 +256,7 @@ def main() -> None:
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_abuse.md").write_text("\n".join(lines), encoding="utf-8")
-    from serve_load import SERVE_SECTIONS
-
-    combine_area("serve", "kdship serve benchmarks", first=SERVE_SECTIONS)
+    combine_area("serve")
     print("\n".join(lines))
 
 

@@ -27,8 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-SERVE_SECTIONS = ("serve_load.md", "serve_abuse.md")  # bench/results/serve.md, in this order
-
 
 
 def _machine() -> str:
@@ -146,7 +144,7 @@ def main() -> None:
     (RESULTS / "serve_load.md").write_text("\n".join(lines), encoding="utf-8")
     from run_all import combine_area
 
-    combine_area("serve", "kdship serve benchmarks", first=SERVE_SECTIONS)
+    combine_area("serve")
     print("\n".join(lines))
 
 

@@ -150,15 +150,13 @@ def write_md(rows, kl0, V, n_train, epochs, held_texts, n_variants) -> None:
         lines.append(f"\nPartial: {len(rows)} of {n_variants} variants measured so far (the script writes after every student).")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_fidelity.md").write_text("\n".join(lines) + "\n")
-    combine_results()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import combine_area
+
+    combine_area("train")
     print("\n".join(lines), flush=True)
-
-
-def combine_results() -> None:
-    """bench/results/train.md = the throughput, fidelity (tiny and SmolLM2 teachers), recipe and on-policy results, whichever exist."""
-    names = ("train_throughput.md", "train_fidelity.md", "train_fidelity_smollm2.md", "train_recipe_demo.md", "train_onpolicy_demo.md")
-    parts = [(RESULTS / f).read_text() for f in names if (RESULTS / f).is_file()]
-    (RESULTS / "train.md").write_text("\n\n".join(parts))
 
 
 if __name__ == "__main__":

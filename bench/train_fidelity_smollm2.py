@@ -435,9 +435,9 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_fidelity_smollm2.md").write_text("\n".join(lines) + "\n")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_fidelity import combine_results
+    from run_all import combine_area
 
-    combine_results()
+    combine_area("train")
     print("\n".join(lines), flush=True)
 
 

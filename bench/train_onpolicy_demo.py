@@ -222,9 +222,9 @@ def write_md(state, sizes, seeds, a) -> None:
                  "For scale: the teacher alone is 134.5 M parameters, 538 MB in fp32, and a vLLM engine holding it several GB.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_onpolicy_demo.md").write_text("\n".join(lines) + "\n")
-    from train_fidelity import combine_results
+    from run_all import combine_area
 
-    combine_results()
+    combine_area("train")
     print("\n".join(lines), flush=True)
 
 

@@ -94,13 +94,10 @@ def main() -> None:
             print(key, state["runs"][key], flush=True)
         wanted = {f"{n} | seed {sd}" for n, _, sd in variants}
         if state.get("eval") is None or set(state["eval"]["models"]) != wanted:
-            from kdship.eval.run import evaluate
+            from demo_budget import eval_lm
 
             models = {k: v["final"] for k, v in state["runs"].items() if k in wanted}
-            ev = evaluate(models=models, data=assets["data"]["heldout"], teacher=assets["teacher"], ood=assets["data"]["ood"], perturb=(),
-                          out=str(WORK / "eval"), task="lm", limit=a.eval_items, seed=0, progress=False)
-            state["eval"] = {"models": sorted(models), "splits": {sp: {m: {k: v.get(k) for k in ("perplexity", "kl_to_teacher", "tokens")} for m, v in ev["splits"][sp]["metrics"].items()}
-                                                                  for sp in ("id", "ood")}}
+            state["eval"] = eval_lm(models, assets, WORK / "eval", a.eval_items, keys=("perplexity", "kl_to_teacher", "tokens"))
         state["wall_s"] = state.get("wall_s", 0.0) + time.time() - t_all
         state_file.write_text(json.dumps(state, indent=1))
     if a.md_only and (WORK / "demo" / "stores" / "score").is_dir():
@@ -157,9 +154,9 @@ def write_md(state, sizes, ces, seeds, train_defaults) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_recipe_demo.md").write_text("\n".join(lines) + "\n")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_fidelity import combine_results
+    from run_all import combine_area
 
-    combine_results()
+    combine_area("train")
     print("\n".join(lines), flush=True)
 
 

@@ -387,14 +387,11 @@ def write_results(rows, n_t, n_s, train_tps, dec, a) -> None:
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_throughput.md").write_text("\n".join(lines) + "\n")
-    combine_results()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import combine_area
+
+    combine_area("train")
     print("\n".join(lines))
-
-
-def combine_results() -> None:
-    """bench/results/train.md = the throughput and fidelity results, whichever exist."""
-    parts = [(RESULTS / f).read_text() for f in ("train_throughput.md", "train_fidelity.md") if (RESULTS / f).is_file()]
-    (RESULTS / "train.md").write_text("\n\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -256,3 +256,17 @@ def test_bad_options_are_refused_by_name():
         LossConfig(kind="jsd", beta=1.0)
     with pytest.raises(ValueError, match="--ce-weight"):
         LossConfig(ce_weight=2)
+
+
+def test_rows_without_ce_on_data_train_through_the_teacher_alone():
+    """An on-policy round store's rows (ce_on_data False) get no CE, whatever --ce-weight says: the loss and
+    its gradient equal pure KD's; CE-only training (sft) still trains on them."""
+    case = make_case()
+    mixed = fused(SimpleNamespace(**case.__dict__, ce_on_data=False), LossConfig(kind="fkl", tail="bucket", ce_weight=0.5))
+    pure = fused(case, LossConfig(kind="fkl", tail="bucket", ce_weight=0.0))
+    assert mixed[1]["ce"] > 0 and mixed[0] == pytest.approx(float(pure[0]), rel=1e-12)
+    torch.testing.assert_close(mixed[2], pure[2])
+    with_ce = fused(case, LossConfig(kind="fkl", tail="bucket", ce_weight=0.5))
+    assert abs(float(with_ce[0]) - float(pure[0])) > 1e-3  # the mix differs where CE is on
+    sft = fused(SimpleNamespace(**case.__dict__, ce_on_data=False), LossConfig(kind="sft"))
+    assert sft[0] == pytest.approx(sft[1]["ce"], rel=1e-9)

@@ -210,3 +210,19 @@ def test_onnx_export_and_vllm_load_the_pruned_student(pruned, tmp_path):
     assert report["passed"] and v["onnx"]["max_abs_logit_diff"] < 1e-3 and v["onnx"]["greedy_identical"] == 3
     assert "skipped" not in v["vllm"], v["vllm"]
     assert v["vllm"]["greedy_identical"] == 3 and v["vllm"]["max_abs_logprob_diff"] < 1e-3
+
+
+def test_hidden_that_the_heads_do_not_divide_is_refused_before_pruning():
+    """SmolLM2-135M's shape (576 = 9 heads x 64, 3 KV groups): --hidden 256 --heads 3 passes the head_dim
+    and GQA checks but transformers' config refuses it at load time, so kdship refuses it up front."""
+    from transformers import LlamaConfig
+
+    from kdship.student.run import check_shapes
+
+    tcfg = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536, num_hidden_layers=30)
+    with pytest.raises(StudentError, match=r"--hidden 256 with --heads 3: .*choose --heads among \[\]"):
+        check_shapes(tcfg, 12, 256, 768, 3)
+    with pytest.raises(StudentError, match=r"--hidden 384 with --heads 9: .*choose --heads among \[3, 6\]"):
+        check_shapes(tcfg, 6, 384, None, None)
+    check_shapes(tcfg, 6, 384, 1024, 6)  # the shapes bench/student_frontier.py prunes to
+    check_shapes(tcfg, 12, 192, 768, 3)

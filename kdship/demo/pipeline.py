@@ -18,8 +18,8 @@ Reruns: every stage records a fingerprint of its inputs (settings + the fingerpr
 reads) in ``OUT/demo_state.json``; a stage whose fingerprint and artifact are unchanged is skipped
 and its recorded result reused. The stores resume by themselves (committed shards are never redone).
 
-A verb that is not importable yet is skipped with a logged message naming it, and later stages that
-need its output are skipped too, so the demo runs at every commit of the project.
+``stages=`` runs a subset: a stage whose input stage neither ran nor is recorded is skipped with a
+logged message naming it. A verb that fails raises: a broken verb fails the demo and its test.
 """
 
 from __future__ import annotations

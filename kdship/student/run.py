@@ -56,6 +56,14 @@ def check_shapes(tcfg, layers: int, hidden: int | None, intermediate: int | None
         if not 1 <= heads <= A:
             raise StudentError(f"--heads {heads}: must be between 1 and {A} (the teacher's attention heads)")
         head_mode(A, getattr(tcfg, "num_key_value_heads", None) or A, heads)
+    h, a, kv = hidden or H, heads or A, getattr(tcfg, "num_key_value_heads", None) or A
+    if h % a:
+        # transformers' config validation refuses it when the student loads (even with an explicit head_dim)
+        fits = [x for x in range(1, A + 1) if h % x == 0 and (x == A or x % kv == 0 or x % (A // kv) == 0)]
+        raise StudentError(
+            f"--hidden {h} with --heads {a}: transformers requires the hidden size to be a multiple of the query heads; "
+            f"with --hidden {h} choose --heads among {fits}, or a hidden size that {a} divides"
+        )
 
 
 def student(

@@ -43,9 +43,12 @@ class Rows:
     targets: torch.Tensor  # [N] int64, the data token of each row
     row_weight: torch.Tensor  # [N] float32, averaging weights; they sum to 1 over the global batch
     hint_targets: torch.Tensor | None = None  # [N, L, D] float32, the teacher's projected hidden states (hint KD)
+    # False where the data tokens are the student's own samples (an on-policy round store): the loss
+    # then teaches through the teacher's targets only, with no CE on them
+    ce_on_data: bool = True
 
     def to(self, device) -> "Rows":
-        return Rows(**{k: (None if v is None else v.to(device, non_blocking=True)) for k, v in self.__dict__.items()})
+        return Rows(**{k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
 
 @dataclass

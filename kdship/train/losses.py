@@ -372,7 +372,8 @@ class DistillLoss:
     ``topk_logprobs`` [N, K] float32 (-inf pad), ``target_weights`` [N, K] or None,
     (or ``topk_ids`` None and ``topk_logprobs`` [N, V']: the teacher's full distribution, ids 0..V'-1),
     ``targets`` [N] int64 (the data token), ``row_weight`` [N] float32 (averaging weights, summing to
-    1 over the global batch). hidden [N, H] are the student's final hidden states that predict them.
+    1 over the global batch), optionally ``ce_on_data`` (False: no CE on these rows, whatever ``ce_weight``
+    says, unless the loss is CE only). hidden [N, H] are the student's final hidden states that predict them.
     Returns the weighted loss (scalar) and a dict of its parts (weighted sums, floats).
     """
 
@@ -390,7 +391,7 @@ class DistillLoss:
             return ok if rows.topk_ids is None else ok & (rows.topk_ids[sl] >= 0)
 
         tw = rows.target_weights
-        cw = self.ce_weight
+        cw = self.ce_weight if (getattr(rows, "ce_on_data", True) or self.ce_weight >= 1.0) else 0.0
 
         def fn(s_kd: torch.Tensor, s_ce: torch.Tensor, sl: slice, s_far: torch.Tensor | None = None):
             rw = rows.row_weight[sl]

@@ -646,7 +646,11 @@ class _Run:
         """The batch's target rows on the device: the store's, or the online teacher's full distribution."""
         if self.teacher is not None:
             return online_rows(self.teacher, batch, self.vocab_tok, self.device, self.autocast_dtype)
-        return batch.rows.to(self.device)
+        rows = batch.rows.to(self.device)
+        # a mixed-in on-policy round store holds the student's own samples: CE there would be the
+        # student imitating itself, so those rows teach through the teacher's targets only
+        rows.ce_on_data = batch.source in (None, "main")
+        return rows
 
     def make_loader(self, state=None, max_epochs=None):
         from kdship.train.loader import MixedLoader, StoreLoader
@@ -847,16 +851,7 @@ def _optimizer_step(run: _Run, batch) -> tuple[dict[str, Any], Any]:
     """Loss, backward, clip, step on one batch; returns the loss parts and the gradient norm."""
     import torch
 
-    loss_fn = run.wrapper.loss_fn
-    ce_weight = loss_fn.ce_weight
-    if batch.source not in (None, "main") and ce_weight < 1.0:
-        # a mixed-in on-policy round store holds the student's own samples: it teaches through the
-        # teacher's targets only (CE there would be the student imitating its own samples)
-        loss_fn.ce_weight = 0.0
-    try:
-        loss, parts = run.train_module(batch.input_ids.to(run.device), batch.position_ids.to(run.device), batch.pred_index.to(run.device), run.rows_of(batch))
-    finally:
-        loss_fn.ce_weight = ce_weight
+    loss, parts = run.train_module(batch.input_ids.to(run.device), batch.position_ids.to(run.device), batch.pred_index.to(run.device), run.rows_of(batch))
     # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
     (loss * run.dist.world).backward()
     grad_clip = float(run.cfg["grad_clip"]) if run.cfg["grad_clip"] else 0.0
