@@ -1,6 +1,6 @@
 """Students worth serving: the speed/quality frontier of `kdship student` shapes, and vLLM vs ONNX Runtime.
 
-Run: .venv/bin/python bench/student_frontier.py [--shapes 6x576,8x384,6x384,12x192 --seeds 0]
+Run: .venv/bin/python bench/student_frontier.py [--shapes 6x576,8x384,6x384,12x192 --bases pca,channels --seeds 0,1]
 Writes bench/results/student_frontier.md and student_frontier.png (and merges bench/RESULTS.md).
 
 The question (issue 13): which pruned shapes of SmolLM2-135M-Instruct serve >= 4x the teacher's output
@@ -8,7 +8,8 @@ tokens/s at their best concurrency and >= 3x per token at concurrency 1, and wha
 after the demo's KD budget, next to the demo's depth-only student (6 of 30 layers, full width)?
   * teacher, data, store: the demo's own stages (`run_demo(stages=...)`) in WORK/demo (real vLLM cache)
   * each shape: `kdship student` (depth by block importance, then width by activation importance,
-    calibrated on the store), `kdship train` with the demo's KD settings (the trainer's defaults, the
+    calibrated on the store; a narrower hidden size in each --hidden-basis: the residual stream's principal
+    components or its most active channels), `kdship train` with the demo's KD settings (the trainer's defaults, the
     demo's epochs/batch/lr), `kdship eval --task lm` (held-out chats and Shakespeare, the live teacher)
   * speed: `kdship export` (ONNX with KV cache, HF) of every trained student and the teacher, then one
     `kdship profile` run over all of them served by `kdship serve --backend onnx`, plus the teacher and
@@ -46,15 +47,23 @@ SHAPES = {
     "12x192": (12, 192, 768, 3),  # (transformers wants hidden divisible by the query heads: 3, 6 or 9 here)
 }
 REFERENCE = "6x576"
-SERVE = dict(concurrency=(1, 4, 16), requests=16, output_tokens=32, prompt_tokens=32, max_seconds=45.0)
+BASES = ("pca", "channels")  # `kdship student --hidden-basis` for shapes that narrow the hidden size
+
+
+def students_of(shapes: list[str], bases: list[str]) -> list[tuple[str, str, str | None]]:
+    """(student name, shape, hidden basis): one student per basis for shapes that narrow the hidden size."""
+    return [(sh if SHAPES[sh][1] is None else f"{sh} {b}", sh, None if SHAPES[sh][1] is None else b) for sh in shapes for b in (bases if SHAPES[sh][1] else bases[:1])]
+SERVE = dict(concurrency=(1, 4, 16, 64), requests=16, output_tokens=32, prompt_tokens=32, max_seconds=45.0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="6x576,8x384,6x384,12x192")
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--bases", default=",".join(BASES))
+    ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--vllm-student", default="6x384", help="the student also served by vLLM (next to the vLLM teacher)")
     ap.add_argument("--eval-items", type=int, default=40)
+    ap.add_argument("--skip-profile", action="store_true", help="prune, train, eval and export only (e.g. while the machine is busy)")
     ap.add_argument("--md-only", action="store_true")
     a = ap.parse_args()
     shapes = a.shapes.split(",")
@@ -62,10 +71,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
     seeds = [int(x) for x in a.seeds.split(",")]
+    students = students_of(shapes, a.bases.split(","))
     from kdship.demo.pipeline import DemoSizes, kd_settings, run_demo
 
     sizes = DemoSizes()
-    settings = dict(v=1, items=a.eval_items, serve=SERVE, sizes={k: getattr(sizes, k) for k in ("train_conversations", "max_turns", "max_length", "epochs", "batch_tokens", "lr")})
+    settings = dict(v=1, items=a.eval_items, sizes={k: getattr(sizes, k) for k in ("train_conversations", "max_turns", "max_length", "epochs", "batch_tokens", "lr")})
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     WORK.mkdir(parents=True, exist_ok=True)
     state_file = WORK / f"frontier_{tag}.json"
@@ -82,33 +92,33 @@ def main() -> None:
         teacher = assets["teacher"]
         from kdship.student.run import student
 
-        for name in shapes:  # 1. prune
-            d = WORK / "students" / name
-            if name in state["students"] and (d / "config.json").is_file():
+        for name, shape, basis in students:  # 1. prune
+            d = WORK / "students" / name.replace(" ", "_")
+            if name in state["students"] and Path(state["students"][name]["dir"], "config.json").is_file():
                 continue
-            layers, hidden, inter, heads = SHAPES[name]
+            layers, hidden, inter, heads = SHAPES[shape]
             t0 = time.time()
-            info = student(teacher, out=d, layers=layers, hidden=hidden, intermediate=inter, heads=heads, calibration=store,
+            info = student(teacher, out=d, layers=layers, hidden=hidden, intermediate=inter, heads=heads, calibration=store, hidden_basis=basis or "channels",
                            calibration_tokens=sizes.calibration_tokens, overwrite=True, progress=False)
-            state["students"][name] = {"dir": str(d), "params": info["student_params"], "teacher_params": info["teacher_params"], "shape": info["shape"], "prune_s": round(time.time() - t0, 1)}
+            state["students"][name] = {"dir": str(d), "shape_name": shape, "basis": basis, "params": info["student_params"], "teacher_params": info["teacher_params"], "shape": info["shape"], "prune_s": round(time.time() - t0, 1)}
             save()
             print("student", name, state["students"][name], flush=True)
         from kdship.train.trainer import train
 
-        for name in shapes:  # 2. train: the demo's KD recipe and budget
+        for name, shape, _ in students:  # 2. train: the demo's KD recipe and budget
             for sd in seeds:
                 key = f"{name} | seed {sd}"
-                run = WORK / "runs" / f"{name}_s{sd}"
+                run = WORK / "runs" / f"{name.replace(' ', '_')}_s{sd}"
                 if key in state["runs"] and (run / "final" / "config.json").is_file():
                     continue
                 shutil.rmtree(run, ignore_errors=True)
                 t0 = time.time()
                 s = train(store, student=state["students"][name]["dir"], out=str(run), epochs=sizes.epochs, lr=sizes.lr, batch_tokens=sizes.batch_tokens,
                           seed=sd, eval_every=0, ckpt_every=0, progress=False, **kd_settings(sizes))
-                state["runs"][key] = {"shape": name, "seed": sd, "final": s["final"], "steps": s["steps"], "tokens": s["tokens"], "train_s": round(time.time() - t0, 1)}
+                state["runs"][key] = {"shape": shape, "seed": sd, "final": s["final"], "steps": s["steps"], "tokens": s["tokens"], "train_s": round(time.time() - t0, 1)}
                 save()
                 print(key, state["runs"][key], flush=True)
-        wanted = sorted(f"{n} | seed {sd}" for n in shapes for sd in seeds)
+        wanted = sorted(f"{n} | seed {sd}" for n, _, _ in students for sd in seeds)
         if state.get("eval") is None or state["eval"]["models"] != wanted:  # 3. held-out quality, one eval run
             from demo_budget import eval_lm
 
@@ -116,28 +126,30 @@ def main() -> None:
             save()
         from kdship.export.run import export
 
-        for name in ["teacher"] + shapes:  # 4. export (seed 0's student of each shape)
+        for name in ["teacher"] + shapes:  # 4. export: speed depends on the shape only, so one student per shape (its first basis, first seed)
             d = WORK / "export" / name
             if name in state["exports"] and (d / "onnx").is_dir():
                 continue
             shutil.rmtree(d, ignore_errors=True)
-            src = teacher if name == "teacher" else state["runs"][f"{name} | seed {seeds[0]}"]["final"]
+            first = next(n for n, sh, _ in students if sh == name) if name != "teacher" else None
+            src = teacher if name == "teacher" else state["runs"][f"{first} | seed {seeds[0]}"]["final"]
             rep = export(src, str(d), formats=("hf", "onnx"), verify=True, prompts=4, new_tokens=8, vllm=False)
             state["exports"][name] = {"dir": str(d), "verified": rep.get("passed")}
             save()
         want_targets = ["teacher-onnx"] + [f"{n}-onnx" for n in shapes] + ["teacher-vllm", f"{a.vllm_student}-vllm"]
-        if state.get("profile") is None or sorted(state["profile"]["targets"]) != sorted(want_targets):  # 5. speed, one run
+        prof = state.get("profile") or {}
+        if not a.skip_profile and (sorted(prof.get("targets", {})) != sorted(want_targets) or prof.get("config") != json.loads(json.dumps(SERVE))):  # 5. speed, one run
             from kdship.profile.run import profile
 
             targets = [{"name": t, "model": state["exports"][t.rsplit("-", 1)[0]]["dir"], "backend": t.rsplit("-", 1)[1]} for t in want_targets]
             rep = profile(targets, concurrency=SERVE["concurrency"], requests=SERVE["requests"], output_tokens=SERVE["output_tokens"],
                           prompt_tokens=SERVE["prompt_tokens"], max_seconds=SERVE["max_seconds"], out=str(WORK / "profile"), seed=0, show_progress=False)
             state["profile"] = {"targets": {n: [{k: lv[k] for k in ("concurrency", "completed", "requests", "output_tokens_per_s", "ttft_s", "itl_s")} for lv in t["levels"]]
-                                            for n, t in rep["targets"].items()}, "machine": machine_with_load()}
+                                            for n, t in rep["targets"].items()}, "machine": machine_with_load(), "config": SERVE}
             save()
         state["wall_s"] = state.get("wall_s", 0.0) + time.time() - t_all
         save()
-    write_md(state, shapes, seeds, sizes, a.vllm_student)
+    write_md(state, students, seeds, sizes, a.vllm_student)
 
 
 def speed(state, target: str) -> dict | None:
@@ -149,7 +161,7 @@ def speed(state, target: str) -> dict | None:
     return {"best_tps": best["output_tokens_per_s"], "best_c": best["concurrency"], "c1_tps": c1["output_tokens_per_s"], "c1_itl_p50": c1["itl_s"]["p50"], "levels": levels}
 
 
-def write_md(state, shapes, seeds, sizes, vllm_student) -> None:
+def write_md(state, students, seeds, sizes, vllm_student) -> None:
     ev = state.get("eval") or {"splits": {"id": {}, "ood": {}}}
     t = speed(state, "teacher-onnx")
     lines = [
@@ -157,20 +169,22 @@ def write_md(state, shapes, seeds, sizes, vllm_student) -> None:
         "",
         f"Machine: {(state.get('profile') or {}).get('machine') or machine_with_load()}.",
         "Teacher SmolLM2-135M-Instruct (30 layers, hidden 576, MLP 1536, 9 query / 3 KV heads). Each student: `kdship student` "
-        "(depth by block importance, then width by activation importance, calibrated on the demo's store), then `kdship train` "
+        "(depth by block importance, then width by activation importance, calibrated on the demo's store; a narrower hidden size in the residual "
+        "stream's principal components (`--hidden-basis pca`, the default: rotated first, lm_head untied, so more parameters for the same compute) "
+        "or its most active channels (`channels`)), then `kdship train` "
         f"with the demo's KD recipe and budget ({sizes.epochs} epochs of the demo's score store, {sizes.batch_tokens} tokens/step, lr {sizes.lr}, "
         f"the trainer's default loss), seeds {', '.join(map(str, seeds))}. Held-out: `kdship eval --task lm`, {state['settings']['items']} held-out chats "
         "(KL = full-vocabulary KL(teacher || student) per token, the live teacher) and Shakespeare (OOD perplexity).",
         f"Speed: `kdship export` (ONNX with KV cache, fp32) served by `kdship serve --backend onnx`, one `kdship profile` run over every "
         f"model (concurrency {', '.join(map(str, SERVE['concurrency']))}; {SERVE['requests']} requests per level, {SERVE['prompt_tokens']}-word prompts, "
-        f"{SERVE['output_tokens']} output tokens, greedy). Per token at c=1: the teacher's median inter-token latency ÷ the student's.",
+        f"{SERVE['output_tokens']} output tokens, greedy); speed depends on the shape only (one export per shape). Per token at c=1: the teacher's median inter-token latency ÷ the student's.",
         "",
-        "| student (layers x hidden) | parameters | held-out KL (seeds) | held-out perplexity | OOD perplexity | best output tok/s (c) | ÷ teacher | per token at c=1 ÷ teacher | goals (>= 4x, >= 3x, KL <= 6x576's) |",
+        "| student (layers x hidden, basis) | parameters | held-out KL (seeds) | held-out perplexity | OOD perplexity | best output tok/s (c) | ÷ teacher | per token at c=1 ÷ teacher | goals (>= 4x, >= 3x, KL <= 6x576's) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     ref_kl = None
     rows = []
-    for name in shapes:
+    for name, shape, _ in students:
         st = state["students"].get(name)
         keys = [f"{name} | seed {sd}" for sd in seeds]
         if not st or not all(k in ev["splits"]["id"] for k in keys):
@@ -181,7 +195,7 @@ def write_md(state, shapes, seeds, sizes, vllm_student) -> None:
         ood = sum(ev["splits"]["ood"][k]["perplexity"] for k in keys) / len(keys)
         if name == REFERENCE:
             ref_kl = kl
-        s = speed(state, f"{name}-onnx")
+        s = speed(state, f"{shape}-onnx")
         rows.append((name, st, kls, kl, ppl, ood, s))
     for name, st, kls, kl, ppl, ood, s in rows:
         if s and t:

@@ -1,6 +1,6 @@
 """Logit KD vs logit + hint (feature) KD at equal tokens and steps, on the demo's budget; two seeds.
 
-Run: .venv/bin/python bench/train_hint_demo.py [--hint-weight 1 --seeds 0,1]
+Run: .venv/bin/python bench/train_hint_demo.py [--hint-weights 1,10,100 --seeds 0,1]
 Writes bench/results/train_hint_demo.md (and refreshes bench/results/train.md and bench/RESULTS.md).
 
 The question (issue 13): does adding the teacher's hidden states (stored by `kdship cache --hidden-layers`)
@@ -45,7 +45,7 @@ HIDDEN_DIM = 64
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hint-weight", type=float, default=1.0)
+    ap.add_argument("--hint-weights", default="1,10,100", help="the logit + hint variants' --hint-weight values")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--eval-items", type=int, default=40)
     ap.add_argument("--md-only", action="store_true")
@@ -64,7 +64,7 @@ def main() -> None:
     def save() -> None:
         state_file.write_text(json.dumps(state, indent=1))
 
-    variants = [("logit KD", 0.0), (f"logit + hint KD (W {a.hint_weight:g})", a.hint_weight)]
+    variants = [("logit KD", 0.0)] + [(f"logit + hint KD (W {w:g})", w) for w in (float(x) for x in a.hint_weights.split(","))]
     t_all = time.time()
     if not a.md_only:
         demo = run_demo(out=WORK / "demo", sizes=sizes, stages=("assets", "prune"), progress=False)
@@ -142,13 +142,16 @@ def write_md(state, variants, seeds, sizes) -> None:
             cells += [" / ".join(fmt.format(v) for v in vals), fmt.format(means[name][f"{sp}_{metric}"])]
         ts = [state["runs"][k]["train_s"] for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(ts) / len(ts):.0f} |")
-    if len(means) == 2:
-        (n0, m0), (n1, m1) = means.items()
-        wins = [k for k in m0 if m1[k] < m0[k]]
-        per_seed = [ev["splits"]["id"][f"{n1} | seed {sd}"]["kl_to_teacher"] < ev["splits"]["id"][f"{n0} | seed {sd}"]["kl_to_teacher"] for sd in seeds]
-        lines += ["", f"Finding: {n1} vs {n0}: held-out KL {m1['id_kl_to_teacher']:.4f} vs {m0['id_kl_to_teacher']:.4f} "
-                  f"({m1['id_kl_to_teacher'] / m0['id_kl_to_teacher']:.3f}x; lower on {sum(per_seed)} of {len(seeds)} seeds); better on "
-                  f"{len(wins)} of 3 means ({', '.join(wins) or 'none'}). The hidden states cost {hs.get('bytes_per_position')} bytes/position on top of the logit targets."]
+    if len(means) >= 2:
+        n0, m0 = next(iter(means.items()))
+        lines.append("")
+        for n1, m1 in list(means.items())[1:]:
+            wins = [k for k in m0 if m1[k] < m0[k]]
+            per_seed = [ev["splits"]["id"][f"{n1} | seed {sd}"]["kl_to_teacher"] < ev["splits"]["id"][f"{n0} | seed {sd}"]["kl_to_teacher"] for sd in seeds]
+            lines.append(f"- {n1} vs {n0}: held-out KL {m1['id_kl_to_teacher']:.4f} vs {m0['id_kl_to_teacher']:.4f} "
+                         f"({m1['id_kl_to_teacher'] / m0['id_kl_to_teacher']:.3f}x; lower on {sum(per_seed)} of {len(seeds)} seeds); better on "
+                         f"{len(wins)} of 3 means ({', '.join(wins) or 'none'}).")
+        lines.append(f"\nThe hidden states cost {hs.get('bytes_per_position')} bytes/position on top of the logit targets.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_hint_demo.md").write_text("\n".join(lines) + "\n")
     from run_all import merge

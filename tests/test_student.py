@@ -75,7 +75,7 @@ def test_pruned_shapes_load_run_and_keep_the_top_head_of_each_group(gqa_teacher,
     from transformers import AutoTokenizer
 
     out = tmp_path / "s"
-    info = student(gqa_teacher, out, layers=2, hidden=64, intermediate=100, heads=2, calibration=calib, progress=False)
+    info = student(gqa_teacher, out, layers=2, hidden=64, intermediate=100, heads=2, calibration=calib, hidden_basis="channels", progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]) == (2, 64, 100)
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 2, 32)
@@ -128,13 +128,62 @@ def test_width_pruning_drops_silent_channels_and_heads(tiny_teacher, calib, tmp_
             layer.self_attn.v_proj.weight[32:64] = 0  # head 1 (its own KV head: multi-head attention)
 
     teacher = _edited_teacher(mha, tmp_path / "t", silence)
-    info = student(teacher, tmp_path / "s", layers=2, hidden=96, heads=3, calibration=calib, progress=False)
+    info = student(teacher, tmp_path / "s", layers=2, hidden=96, heads=3, calibration=calib, hidden_basis="channels", progress=False)
     w = info["width"]
     assert w["hidden"]["channels"] == [c for c in range(128) if c not in channels]
     assert w["heads"]["mode"] == "whole_groups" and w["heads"]["query_heads"] == [[0, 2, 3]] * 2 == w["heads"]["kv_heads"]
     import torch
 
     torch.testing.assert_close(_logits(tmp_path / "s"), _logits(teacher), rtol=1e-3, atol=1e-3)
+    # the principal basis finds the same 96-dimensional subspace even when it is not a set of channels:
+    # rotate the silenced teacher's residual stream by a random orthogonal matrix first
+    g = torch.Generator().manual_seed(0)
+    R, _ = torch.linalg.qr(torch.randn(128, 128, generator=g, dtype=torch.float64))
+
+    def rotate(model):
+        for i, layer in enumerate(model.model.layers):
+            for norm, projs in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+                                (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
+                for lin in projs:
+                    lin.weight.copy_(((lin.weight.double() * norm.weight.double()[None, :]) @ R).float())
+                norm.weight.fill_(1.0)
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.weight.copy_((R.T @ lin.weight.double()).float())
+        model.lm_head.weight.copy_(((model.lm_head.weight.double() * model.model.norm.weight.double()[None, :]) @ R).float())
+        model.model.norm.weight.fill_(1.0)
+        model.model.embed_tokens.weight.copy_((model.model.embed_tokens.weight.double() @ R).float())
+
+    mixed = _edited_teacher(teacher, tmp_path / "t_rot", rotate)
+    torch.testing.assert_close(_logits(mixed), _logits(teacher), rtol=1e-4, atol=1e-4)  # the same function
+    student(mixed, tmp_path / "s_ch", layers=2, hidden=96, calibration=calib, hidden_basis="channels", progress=False)
+    info = student(mixed, tmp_path / "s_pca", layers=2, hidden=96, calibration=calib, progress=False)
+    assert info["width"]["hidden_basis"]["basis"] == "pca" and info["width"]["hidden_basis"]["variance_share_by_width"][64] < 1.0
+    torch.testing.assert_close(_logits(tmp_path / "s_pca"), _logits(teacher), rtol=1e-3, atol=1e-3)
+    assert (_logits(tmp_path / "s_ch") - _logits(teacher)).abs().max() > 0.05  # channels cannot: every channel carries some of it
+
+
+def test_rotation_keeps_the_function_and_sorts_the_residual_variance(gqa_teacher, calib):
+    """rotate_hidden: norms folded and set to 1, lm_head untied, logits unchanged; the residual covariance in
+    the new basis is diagonal with decreasing variance, and its top-k channels keep at least the variance
+    of the best k channels of the old basis (PCA is the best k-dimensional subspace)."""
+    import torch
+
+    from kdship.student.calibration import calibration_sequences
+    from kdship.student.rotate import residual_covariance, rotate_hidden
+    from transformers import AutoTokenizer
+
+    model = _load(gqa_teacher)
+    batches, _ = calibration_sequences(calib, AutoTokenizer.from_pretrained(gqa_teacher), 512, 64)
+    rotated, info = rotate_hidden(model, batches)
+    assert not rotated.config.tie_word_embeddings and rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for layer in rotated.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))
+    torch.testing.assert_close(_logits(rotated), _logits(model), rtol=1e-4, atol=1e-4)
+    before, after = residual_covariance(model, batches), residual_covariance(rotated, batches)
+    d = after.diagonal()
+    assert (d[:-1] >= d[1:] - 1e-5 * d.max()).all() and (after - torch.diag(d)).abs().max() < 1e-4 * d.max()
+    for k in (16, 32, 64):
+        best_channels = before.diagonal().sort(descending=True).values[:k].sum() / before.diagonal().sum()
+        assert d[:k].sum() / d.sum() >= best_channels - 1e-5
 
 
 def test_impossible_shapes_are_refused_naming_the_flag(tiny_teacher, calib, tmp_path):

@@ -18,6 +18,7 @@ def student_command(
     intermediate: Optional[int] = typer.Option(None, "--intermediate", help="MLP width. Default: the teacher's."),
     heads: Optional[int] = typer.Option(None, "--heads", help="Attention (query) heads: a multiple of the teacher's KV heads keeps every KV group, a multiple of the group size drops whole groups. Default: the teacher's."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Text the importance is measured on: a data file `kdship cache` reads (JSONL/Parquet) or a kdship store. Required: pruning should rank on text like the student's."),
+    hidden_basis: Optional[str] = typer.Option(None, "--hidden-basis", help=with_default("With a smaller --hidden: pca keeps the residual stream's principal components (rotated first, SliceGPT style; the lm_head is untied), channels keeps its most active channels.", DEFAULTS, "hidden_basis")),
     calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens", help=with_default("Calibration tokens read.", DEFAULTS, "calibration_tokens")),
     max_length: Optional[int] = typer.Option(None, "--max-length", help=with_default("Longest calibration sequence (tokens; longer ones are cut).", DEFAULTS, "max_length")),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help=with_default("Replace a model already in --out.", DEFAULTS, "overwrite")),
@@ -41,7 +42,7 @@ def student_command(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags = dict(
-        out=out, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, calibration=calibration,
+        out=out, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, calibration=calibration, hidden_basis=hidden_basis,
         calibration_tokens=calibration_tokens, max_length=max_length, overwrite=overwrite, progress=progress,
     )  # fmt: skip
     try:

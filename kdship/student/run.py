@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "intermediate": None,
     "heads": None,
     "calibration": None,
+    "hidden_basis": "pca",  # narrowed hidden size: keep the residual stream's principal components (kdship.student.rotate) or its channels
     "calibration_tokens": 2048,
     "max_length": 512,
     "overwrite": False,
@@ -100,6 +101,8 @@ def student(
         raise StudentError(f"TEACHER {teacher}: not an HF model directory (no config.json)")
     tcfg = AutoConfig.from_pretrained(teacher)
     check_shapes(tcfg, cfg["layers"], cfg["hidden"], cfg["intermediate"], cfg["heads"])
+    if cfg["hidden_basis"] not in ("pca", "channels"):
+        raise StudentError(f"--hidden-basis {cfg['hidden_basis']!r}: choose pca or channels")
     if (out / "config.json").exists() and not cfg["overwrite"]:
         raise StudentError(f"--out {out}: already holds a model; pass --overwrite to replace it")
     return _prune_and_save(teacher, out, cfg)
@@ -117,12 +120,17 @@ def _prune_and_save(teacher: Path, out: Path, cfg: dict[str, Any]) -> dict[str, 
     if any(v is not None for v in width.values()):
         pc = pruned.config
         log.info("width pruning to hidden %s, intermediate %s, heads %s", width["hidden"], width["intermediate"], width["heads"])
+        rotated = None
+        if cfg["hidden_basis"] == "pca" and width["hidden"] is not None and width["hidden"] < pc.hidden_size:
+            from kdship.student.rotate import rotate_hidden
+
+            pruned, rotated = rotate_hidden(pruned, batches)
         imp = collect_importance(pruned, batches, progress=cfg["progress"])
         plan = plan_width(
             imp, pc, width["hidden"] or pc.hidden_size, width["intermediate"] or pc.intermediate_size, width["heads"] or pc.num_attention_heads
         )
         pruned, scaled = width_prune(pruned, plan, imp)
-        info["width"] = {**width_summary(imp, plan), **scaled}
+        info["width"] = {**width_summary(imp, plan), **scaled, "hidden_basis": rotated or {"basis": "channels"}}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
