@@ -103,21 +103,12 @@ def main() -> None:
             state["students"][name] = {"dir": str(d), "shape_name": shape, "basis": basis, "params": info["student_params"], "teacher_params": info["teacher_params"], "shape": info["shape"], "prune_s": round(time.time() - t0, 1)}
             save()
             print("student", name, state["students"][name], flush=True)
-        from kdship.train.trainer import train
+        from demo_budget import train_variant
 
         for name, shape, _ in students:  # 2. train: the demo's KD recipe and budget
             for sd in seeds:
-                key = f"{name} | seed {sd}"
-                run = WORK / "runs" / f"{name.replace(' ', '_')}_s{sd}"
-                if key in state["runs"] and (run / "final" / "config.json").is_file():
-                    continue
-                shutil.rmtree(run, ignore_errors=True)
-                t0 = time.time()
-                s = train(store, student=state["students"][name]["dir"], out=str(run), epochs=sizes.epochs, lr=sizes.lr, batch_tokens=sizes.batch_tokens,
-                          seed=sd, eval_every=0, ckpt_every=0, progress=False, **kd_settings(sizes))
-                state["runs"][key] = {"shape": shape, "seed": sd, "final": s["final"], "steps": s["steps"], "tokens": s["tokens"], "train_s": round(time.time() - t0, 1)}
-                save()
-                print(key, state["runs"][key], flush=True)
+                train_variant(state, f"{name} | seed {sd}", WORK / "runs" / f"{name.replace(' ', '_')}_s{sd}", save, {"shape": shape, "seed": sd},
+                              store, state["students"][name]["dir"], sizes, seed=sd, **kd_settings(sizes))
         wanted = sorted(f"{n} | seed {sd}" for n, _, _ in students for sd in seeds)
         if state.get("eval") is None or state["eval"]["models"] != wanted:  # 3. held-out quality, one eval run
             from demo_budget import eval_lm

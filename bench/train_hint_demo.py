@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,21 +83,12 @@ def main() -> None:
             state["store"] = {"cache_s": round(time.time() - t0, 1), "positions": info.get("positions"), "targets": info.get("targets"),
                               "bytes_per_position": info.get("bytes_per_position"), "hidden": info.get("hidden_states")}
             save()
-        from kdship.train.trainer import train
+        from demo_budget import train_variant
 
         for name, w in variants:
             for sd in seeds:
-                key = f"{name} | seed {sd}"
-                run = WORK / "runs" / f"{'hint' if w else 'logit'}_w{w:g}_s{sd}"
-                if key in state["runs"] and (run / "final" / "config.json").is_file():
-                    continue
-                shutil.rmtree(run, ignore_errors=True)
-                t0 = time.time()
-                s = train(str(store), student=student0, out=str(run), epochs=sizes.epochs, lr=sizes.lr, batch_tokens=sizes.batch_tokens, seed=sd,
-                          eval_every=0, ckpt_every=0, progress=False, hint_weight=w, **kd_settings(sizes))
-                state["runs"][key] = {"name": name, "w": w, "seed": sd, "final": s["final"], "steps": s["steps"], "tokens": s["tokens"], "train_s": round(time.time() - t0, 1)}
-                save()
-                print(key, state["runs"][key], flush=True)
+                train_variant(state, f"{name} | seed {sd}", WORK / "runs" / f"{'hint' if w else 'logit'}_w{w:g}_s{sd}", save, {"name": name, "w": w, "seed": sd},
+                              str(store), student0, sizes, seed=sd, hint_weight=w, **kd_settings(sizes))
         wanted = sorted(f"{n} | seed {sd}" for n, _ in variants for sd in seeds)
         if state.get("eval") is None or state["eval"]["models"] != wanted:
             from demo_budget import eval_lm

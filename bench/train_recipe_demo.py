@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,8 @@ def main() -> None:
     ces = [float(x) for x in a.ce.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     from kdship.demo.pipeline import DemoSizes, run_demo
-    from kdship.train.trainer import DEFAULTS as TRAIN_DEFAULTS, train
+    from demo_budget import train_variant
+    from kdship.train.trainer import DEFAULTS as TRAIN_DEFAULTS
 
     sizes = DemoSizes()
     # runs are keyed by variant and seed, so the grid (--ce, --seeds) can grow without redoing finished runs
@@ -80,18 +80,9 @@ def main() -> None:
         state["store"] = {k: info.get(k) for k in ("positions", "targeted_positions", "targets", "top_k", "bytes_per_position")}
         variants = [(variant_name(ce), ce, sd) for sd in seeds for ce in [None] + ces]
         for name, ce, sd in variants:
-            key = f"{name} | seed {sd}"
-            run = WORK / "runs" / f"{tag}_{'sft' if ce is None else f'kd_ce{ce:g}'}_s{sd}"
-            if key in state["runs"] and (run / "final" / "config.json").is_file():
-                continue
-            shutil.rmtree(run, ignore_errors=True)
-            opts = dict(epochs=sizes.epochs, lr=sizes.lr, batch_tokens=sizes.batch_tokens, seed=sd, eval_every=0, ckpt_every=0, progress=False)
-            opts.update(loss="sft") if ce is None else opts.update(loss="fkl", ce_weight=ce)
-            t0 = time.time()
-            s = train(store, student=student0, out=str(run), **opts)
-            state["runs"][key] = {"name": name, "ce": ce, "seed": sd, "final": s["final"], "steps": s["steps"], "tokens": s["tokens"], "train_s": round(time.time() - t0, 1)}
-            state_file.write_text(json.dumps(state, indent=1))
-            print(key, state["runs"][key], flush=True)
+            loss = dict(loss="sft") if ce is None else dict(loss="fkl", ce_weight=ce)
+            train_variant(state, f"{name} | seed {sd}", WORK / "runs" / f"{tag}_{'sft' if ce is None else f'kd_ce{ce:g}'}_s{sd}",
+                          lambda: state_file.write_text(json.dumps(state, indent=1)), {"name": name, "ce": ce, "seed": sd}, store, student0, sizes, seed=sd, **loss)
         wanted = {f"{n} | seed {sd}" for n, _, sd in variants}
         if state.get("eval") is None or set(state["eval"]["models"]) != wanted:
             from demo_budget import eval_lm

@@ -27,7 +27,8 @@ from typing import Any
 from kdship.student.depth import model_from_state
 from kdship.student.width import _norm_keys
 
-_READS = {"input_layernorm": ("q_proj", "k_proj", "v_proj"), "post_attention_layernorm": ("gate_proj", "up_proj")}
+# each layer's norm -> the block and the projections that read its output
+_READS = {"input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")), "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj"))}
 
 
 def residual_covariance(model, batches: list[list[int]]):
@@ -68,9 +69,8 @@ def rotate_hidden(model, batches: list[list[int]]) -> tuple[Any, dict[str, Any]]
     n_layers = model.config.num_hidden_layers
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        for norm, readers in _READS.items():
+        for norm, (sub, readers) in _READS.items():
             w = sd[p + f"{norm}.weight"]
-            sub = "self_attn" if norm == "input_layernorm" else "mlp"
             for proj in readers:
                 out[p + f"{sub}.{proj}.weight"] = (sd[p + f"{sub}.{proj}.weight"] * w[None, :]) @ Q
             out[p + f"{norm}.weight"] = torch.ones_like(w)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from kdship.student.calibration import calibration_sequences
 from kdship.student.depth import depth_prune
-from kdship.student.width import LLAMA_MODEL_TYPES, StudentError, collect_importance, head_mode, plan_width, width_prune
+from kdship.student.width import LLAMA_MODEL_TYPES, StudentError, allowed_heads, collect_importance, head_mode, plan_width, width_prune
 
 log = logging.getLogger("kdship.student")
 
@@ -41,6 +41,7 @@ def check_shapes(tcfg, layers: int, hidden: int | None, intermediate: int | None
     """Refuse shapes the architecture cannot take, naming the flag and the value."""
     n, H = tcfg.num_hidden_layers, tcfg.hidden_size
     A = tcfg.num_attention_heads
+    kv = getattr(tcfg, "num_key_value_heads", None) or A
     head_dim = getattr(tcfg, "head_dim", None) or H // A
     if not 1 <= layers <= n:
         raise StudentError(f"--layers {layers}: must be between 1 and {n} (the teacher has {n} layers)")
@@ -56,11 +57,11 @@ def check_shapes(tcfg, layers: int, hidden: int | None, intermediate: int | None
     if heads is not None:
         if not 1 <= heads <= A:
             raise StudentError(f"--heads {heads}: must be between 1 and {A} (the teacher's attention heads)")
-        head_mode(A, getattr(tcfg, "num_key_value_heads", None) or A, heads)
-    h, a, kv = hidden or H, heads or A, getattr(tcfg, "num_key_value_heads", None) or A
+        head_mode(A, kv, heads)
+    h, a = hidden or H, heads or A
     if h % a:
         # transformers' config validation refuses it when the student loads (even with an explicit head_dim)
-        fits = [x for x in range(1, A + 1) if h % x == 0 and (x == A or x % kv == 0 or x % (A // kv) == 0)]
+        fits = [x for x in allowed_heads(A, kv) if h % x == 0]
         raise StudentError(
             f"--hidden {h} with --heads {a}: transformers requires the hidden size to be a multiple of the query heads; "
             f"with --hidden {h} choose --heads among {fits}, or a hidden size that {a} divides"

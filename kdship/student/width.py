@@ -113,6 +113,12 @@ def collect_importance(model, batches: list[list[int]], progress: bool = False) 
     return imp
 
 
+def allowed_heads(teacher_heads: int, kv_heads: int) -> list[int]:
+    """The query-head counts a student can keep: a multiple of the KV heads or of the group size."""
+    group = teacher_heads // kv_heads
+    return [a for a in range(1, teacher_heads + 1) if a % kv_heads == 0 or a % group == 0]
+
+
 def head_mode(teacher_heads: int, kv_heads: int, heads: int) -> str:
     """``within_groups`` / ``whole_groups`` (module docstring) or StudentError naming --heads."""
     group = teacher_heads // kv_heads
@@ -120,7 +126,7 @@ def head_mode(teacher_heads: int, kv_heads: int, heads: int) -> str:
         return "within_groups"
     if heads % group == 0:
         return "whole_groups"
-    allowed = sorted({a for a in range(1, teacher_heads + 1) if a % kv_heads == 0 or a % group == 0})
+    allowed = allowed_heads(teacher_heads, kv_heads)
     raise StudentError(
         f"--heads {heads}: the teacher has {teacher_heads} query heads in {kv_heads} KV groups of {group}; "
         f"a student keeps every group with the same number of query heads each, or whole groups: choose one of {allowed}"
