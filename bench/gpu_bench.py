@@ -165,11 +165,16 @@ def train_run(spec: dict, store: Path, teacher_cfg: Path, online: Path | None, w
     return res
 
 
-def plan(cuda: bool, teacher_layers: int) -> tuple[list[dict], dict]:
-    """(train runs in priority order, sizes). Each (layers, batch) pair: store first, then online."""
+def plan(cuda: bool, teacher_layers: int, pairs: str | None = None) -> tuple[list[dict], dict]:
+    """(train runs in priority order, sizes). Each (layers, batch) pair: store first, then online.
+    ``pairs`` ("LAYERSxBATCH,..."; "T" = the teacher's layers) replaces the CUDA default, e.g. for a second
+    device call that measures what the first one's budget left out."""
     if cuda:
+        # run_timeout_s: a 30-layer run at 16k tokens took 73 s (55 s of steps plus start-up and saving)
         sizes = {"pairs": [(6, 4096), (6, 16384), (teacher_layers, 16384), (teacher_layers, 4096)], "steps": 100, "warm": 10,
-                 "run_timeout_s": 75, "smoke_timeout_s": 150, "online_teacher_layers": None}
+                 "run_timeout_s": 110, "smoke_timeout_s": 150, "online_teacher_layers": None}
+        if pairs:
+            sizes["pairs"] = [(teacher_layers if l == "T" else int(l), int(b)) for l, b in (p.split("x") for p in pairs.split(","))]
     else:
         sizes = {"pairs": [(1, 256)], "steps": 4, "warm": 1, "run_timeout_s": 150, "smoke_timeout_s": 120, "online_teacher_layers": 1}
     runs = [{"name": f"L{layers}_b{bt}_{mode}", "mode": mode, "layers": layers, "batch_tokens": bt, "steps": sizes["steps"], "warm": sizes["warm"]}
@@ -182,6 +187,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="where gpu_results.json, gpu.md and gpu_log.txt go ($OUT on the device)")
     ap.add_argument("--budget-s", type=float, default=360, help="the whole script's wall-clock budget")
     ap.add_argument("--work", default="/tmp/kdship-gpu-work", help="scratch: run directories, the online teacher")
+    ap.add_argument("--pairs", help="CUDA: the (student layers x batch tokens) pairs to time, e.g. Tx16384,Tx4096 (T: the teacher's layers)")
+    ap.add_argument("--smoke-tests", help="comma-separated test files instead of the smoke list")
     a = ap.parse_args()
     budget = Budget(a.budget_s)
     t_all = time.monotonic()
@@ -196,7 +203,7 @@ def main() -> None:
     machine = machine_info()
     cuda = machine["cuda"]
     teacher_layers = json.loads((teacher_cfg / "config.json").read_text())["num_hidden_layers"]
-    runs, sizes = plan(cuda, teacher_layers)
+    runs, sizes = plan(cuda, teacher_layers, a.pairs)
     print(f"mode: {'CUDA' if cuda else 'CPU only (no CUDA device): the rehearsal at small sizes, not a GPU measurement'}", flush=True)
     print("machine:", json.dumps(machine), flush=True)
     res = {"kind": "cuda" if cuda else "cpu-rehearsal", "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine,
@@ -208,7 +215,7 @@ def main() -> None:
         (out / "gpu_results.json").write_text(json.dumps(res, indent=1))
         (out / "gpu.md").write_text(render_md(res))
 
-    tests = SMOKE_TESTS if cuda else CPU_SMOKE_TESTS
+    tests = a.smoke_tests.split(",") if a.smoke_tests else SMOKE_TESTS if cuda else CPU_SMOKE_TESTS
     print(f"[{time.monotonic() - t_all:5.0f} s] smoke: pytest {' '.join(tests)}", flush=True)
     res["smoke"] = smoke(tests, min(sizes["smoke_timeout_s"], budget.left()), work, log)
     print(f"[{time.monotonic() - t_all:5.0f} s] smoke: {_smoke_line(res['smoke'])}", flush=True)
@@ -263,6 +270,18 @@ def machine_line(m: dict) -> str:
              if m.get("cuda") else "no CUDA device (CPU rehearsal)")
     return (f"{where}; {m['cpu_cores']} CPU cores; Python {m['python']}, torch {m['torch']} (CUDA {m['torch_cuda']}), "
             f"transformers {m['transformers']}, zarr {m['zarr']}")
+
+
+def render_runs(runs: list[dict]) -> str:
+    """Several device calls' sections (e.g. a second call timing what the first one's budget left out), oldest first."""
+    if len(runs) == 1:
+        return render_md(runs[0])
+    parts = ["# kdship on a GPU: CUDA smoke test and `kdship train` throughput", "",
+             f"{len(runs)} device calls, oldest first; each measured its rows side by side in one run.", ""]
+    for i, res in enumerate(runs, 1):
+        body = render_md(res).split("\n", 2)[2]  # without its own title
+        parts += [f"## Device call {i} of {len(runs)} ({res['started_utc']})", "", body.rstrip(), ""]
+    return "\n".join(parts)
 
 
 def render_md(res: dict) -> str:

@@ -78,6 +78,14 @@ def merge(out: Path | None = None) -> Path:
     return out
 
 
+def bench_scripts() -> list[Path]:
+    """The scripts `make bench` runs: every ``bench/<area>_*.py`` with a ``__main__`` block, by name. Not this
+    script, not helpers imported by scripts (demo_budget.py), not gpu_* (run on a lent GPU machine by
+    bench/gpu.sh and recorded by gpu_record.py, docs/gpu.md)."""
+    return [p for p in sorted(BENCH.glob("*_*.py"))
+            if p.name != Path(__file__).name and not p.name.startswith("gpu_") and 'if __name__ == "__main__":' in p.read_text(encoding="utf-8")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--merge-only", action="store_true")
@@ -85,9 +93,7 @@ def main() -> None:
     failed = []
     if not args.merge_only:
         print("machine:", machine())
-        for script in sorted(BENCH.glob("*_*.py")):
-            if script.name == Path(__file__).name or script.name.startswith("gpu_"):
-                continue  # gpu_*: run on a lent GPU machine by bench/gpu.sh, recorded by gpu_record.py (docs/gpu.md)
+        for script in bench_scripts():
             print(f"== {script.name}", flush=True)
             rc = subprocess.call([sys.executable, str(script)], cwd=BENCH.parent)
             if rc != 0:

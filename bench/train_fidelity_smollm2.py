@@ -266,7 +266,13 @@ def main() -> None:
     stores[f"headtail_h{head}_n16_c{cands}"] = dict(top_k=head, targets="headtail", draws=16)
     probes = [("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
               (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", f"headtail_h{head}_n16_c{cands}", "bucket"),
-              (f"probe: default store, beyond bucket against the student's own top-{cands} complement", ht, "bucket_far")]
+              (f"probe: default store, beyond bucket against the student's own top-{cands} complement", ht, "bucket_far"),
+              ("probe: headtail with 32 exact draws (--backend hf)", "ht_hf_n32", "bucket"),
+              ("probe: top-1024 exact (--backend hf), tail bucket", "k1024_hf", "bucket")]
+    # the last two ask whether the gap to full-logit KD is the draws' noise (it shrinks with 4x the draws)
+    # or sits elsewhere (a near-exact top-1024 target would still show it)
+    stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
+    stores["k1024_hf"] = dict(top_k=1024, targets="topk", backend="hf")
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]

@@ -5,6 +5,7 @@ and one engine per (model, settings) is reused across the whole suite (see kdshi
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -44,6 +45,27 @@ def corpus_dir(tmp_path_factory):
     )
     write_jsonl(d / "prompts.jsonl", [{"prompt": sents[i]} for i in range(130, 140)])
     return d
+
+
+@pytest.fixture(scope="session")
+def run_isolated():
+    """``run_isolated(code, cwd)``: ``python -I -c code`` (isolated: the repository, and so kdship, is not
+    importable from the cwd), with only zarr's and numpy's own install folders put on its path, so it
+    also works where they were installed beside the interpreter's (PYTHONPATH, ``pip --target``)."""
+    import subprocess
+    import sys
+
+    import numcodecs
+    import numpy
+    import zarr
+
+    dirs = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (zarr, numcodecs, numpy)})
+    prefix = f"import sys; sys.path[:0] = {dirs!r}\n"
+
+    def run(code: str, cwd) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-I", "-c", prefix + code], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+    return run
 
 
 from s3_stores import s3  # noqa: E402,F401 - the moto S3 server fixture, shared by the object-store tests

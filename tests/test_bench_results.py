@@ -34,3 +34,39 @@ def test_results_md_is_the_merge_of_every_section(tmp_path):
     for p in (BENCH / "results").glob("*.md"):
         if p.stem.split("_", 1)[0] not in run_all.AREAS:
             assert p.read_text().rstrip() in committed, p.name
+
+
+def test_make_bench_runs_every_script_and_fails_when_one_fails(tmp_path):
+    """run_all runs each `<area>_*.py` with a __main__ block (not helpers), merges what the scripts that ran
+    wrote, and exits non-zero naming the script that failed (so `make bench` fails)."""
+    import shutil
+    import subprocess
+
+    bench = tmp_path / "bench"
+    (bench / "results").mkdir(parents=True)
+    shutil.copy(BENCH / "run_all.py", bench / "run_all.py")
+    main = 'if __name__ == "__main__":\n'
+    (bench / "cache_ok.py").write_text(
+        "from pathlib import Path\n" + main + "    (Path(__file__).parent / 'results' / 'cache_ok.md').write_text('## ok section\\n')\n")
+    (bench / "train_broken.py").write_text(main + "    raise SystemExit(3)\n")
+    (bench / "demo_helper.py").write_text("raise SystemExit('a helper module must not be run as a script')\n")
+    r = subprocess.run([sys.executable, str(bench / "run_all.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "train_broken.py (exit 3)" in r.stderr
+    assert "demo_helper.py" not in r.stdout + r.stderr
+    assert "## ok section" in (bench / "RESULTS.md").read_text()
+    assert [p.name for p in run_all.bench_scripts()] and "demo_budget.py" not in [p.name for p in run_all.bench_scripts()]
+
+
+def test_every_section_has_a_script_that_make_bench_runs():
+    """`make bench` regenerates every section: each bench/results/<name>.md (not an area's combined file,
+    not gpu.md, which bench/gpu_record.py writes from a lent GPU machine's run) is written by one of the
+    scripts run_all runs, found by its file name in the script's text or the script's own name."""
+    scripts = {p: p.read_text(encoding="utf-8") for p in run_all.bench_scripts()}
+    orphans = []
+    for md in sorted((BENCH / "results").glob("*.md")):
+        if md.stem in run_all.AREAS or md.stem == "gpu":
+            continue
+        if not any(p.stem == md.stem or f"{md.stem}.md" in text or f'"{md.stem}"' in text for p, text in scripts.items()):
+            orphans.append(md.name)
+    assert not orphans, f"sections no bench script writes (make bench could not regenerate them): {orphans}"

@@ -27,18 +27,19 @@ def _forward_logprobs(teacher, tokens):
 
 @pytest.fixture(scope="module")
 def hf_be(tiny_teacher):
-    """One transformers teacher for the generate tests (cache() accepts a ready backend)."""
+    """One transformers teacher for the generate tests (cache() accepts a ready backend); float32, as
+    the forward the tests compare with (on CUDA the backend's default is bfloat16)."""
     from transformers import AutoTokenizer
 
     from kdship.cache.hf_backend import HFBackend
 
-    return HFBackend(str(tiny_teacher), eos_token_ids=[AutoTokenizer.from_pretrained(str(tiny_teacher)).eos_token_id])
+    return HFBackend(str(tiny_teacher), dtype="float32", eos_token_ids=[AutoTokenizer.from_pretrained(str(tiny_teacher)).eos_token_id])
 
 
 @pytest.fixture(scope="module")
 def hf_store(tmp_path_factory, tiny_teacher, corpus_dir):
     out = tmp_path_factory.mktemp("hf") / "store"
-    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", targets="topk", top_k=16, shard_size=4, progress=False)
+    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", targets="topk", top_k=16, shard_size=4, progress=False)
     return out, summary
 
 
@@ -93,6 +94,8 @@ def test_refusals(tmp_path, tiny_teacher, corpus_dir, hf_store):
         cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "b"), backend="hf", progress=False)
     res = runner.invoke(app, ["cache", str(tiny_teacher), data, "--out", str(tmp_path / "c"), "--backend", "hf", "--overflow", "wrap"])
     assert res.exit_code == 2 and "--overflow 'wrap'" in res.output
+    res = runner.invoke(app, ["cache", str(tiny_teacher), data, "--out", str(tmp_path / "c"), "--backend", "hf", "--dtype", "fp8"])
+    assert res.exit_code == 2 and "--dtype 'fp8'" in res.output
 
 
 def test_resume_refuses_another_teacher_or_chat_template(tmp_path, tiny_teacher, corpus_dir, hf_store):
@@ -149,7 +152,7 @@ def test_overflow_and_skip_bad(tmp_path, tiny_teacher, corpus_dir):
 
 def test_sampled_targets_exact_with_hf(tmp_path, tiny_teacher, corpus_dir):
     out = tmp_path / "sampled"
-    s = cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), backend="hf", targets="sampled", top_k=12, seed=3, progress=False)
+    s = cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), backend="hf", dtype="float32", targets="sampled", top_k=12, seed=3, progress=False)
     r = StoreReader(str(out))
     assert r.targets == "sampled" and r.header["target_sampling"]["exact"] is True
     shard = r.read_shard(r.shard_paths[0])
@@ -168,7 +171,7 @@ def test_sampled_targets_exact_with_hf(tmp_path, tiny_teacher, corpus_dir):
     z = zarr.open_group(str(out), mode="r")
     assert z[f"{r.shard_paths[0]}/target_weights"].dtype == np.float32
     # a rerun with the same seed is identical
-    cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(tmp_path / "again"), backend="hf", targets="sampled", top_k=12, seed=3, progress=False)
+    cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(tmp_path / "again"), backend="hf", dtype="float32", targets="sampled", top_k=12, seed=3, progress=False)
     r2 = StoreReader(str(tmp_path / "again"))
     np.testing.assert_array_equal(r2.read_shard(r2.shard_paths[0]).topk_ids, shard.topk_ids)
     assert s["targeted_positions"] > 0
@@ -239,11 +242,9 @@ def test_generate_filters_send_rejects_with_reasons(tmp_path, tiny_teacher, corp
         cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "noref"), filter="answer-match", **base)
 
 
-def test_format_md_example_reads_a_store_without_kdship(hf_store, tmp_path):
+def test_format_md_example_reads_a_store_without_kdship(hf_store, tmp_path, run_isolated):
     """The reading example in cache/FORMAT.md runs as written, with zarr and numpy only."""
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     md = (Path(__file__).resolve().parents[1] / "cache" / "FORMAT.md").read_text()
@@ -251,8 +252,7 @@ def test_format_md_example_reads_a_store_without_kdship(hf_store, tmp_path):
     assert "kdship" not in "".join(line for line in code.splitlines() if "import" in line)
     out, _ = hf_store
     code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(len(committed), ids.shape)\n"
-    # -I: isolated mode, so the repository (and kdship) is not importable from the cwd
-    res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    res = run_isolated(code, tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[0] == "4" and "16)" in res.stdout
 

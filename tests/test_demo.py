@@ -35,7 +35,7 @@ def _sizes():
     from kdship.demo.pipeline import DemoSizes
 
     return DemoSizes(
-        top_k=8, max_length=128, shard_size=8, max_new_tokens=12, keep_layers=2, calibration_tokens=256, epochs=1,
+        top_k=8, max_length=128, shard_size=8, max_new_tokens=12, keep_layers=2, width=1.0, calibration_tokens=256, epochs=1,
         batch_tokens=512, eval_max_items=6, perturb=("typo", "swap", "distractor"), profile_requests=4, profile_max_tokens=8,
         profile_concurrency=(1, 2),
     )
@@ -84,6 +84,23 @@ def test_pruned_student_keeps_teacher_layers(demo_run):
     assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
     assert not any(k.startswith(f"model.layers.{len(kept)}.") for k in s)
     assert info["student_params"] < info["teacher_params"]
+
+
+def test_width_shape_keeps_a_share_of_heads_hidden_and_mlp(tmp_path):
+    """The demo's --width: SmolLM2's shape (9 query / 3 KV heads of 64, MLP 1536) at 2/3 is the frontier's
+    8 x 384 student's (6 heads, hidden 384, MLP 1024); heads round down to a count the KV groups allow."""
+    from transformers import LlamaConfig
+
+    from kdship.demo.pipeline import width_shape
+
+    LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, num_hidden_layers=2).save_pretrained(tmp_path / "s")
+    assert width_shape(tmp_path / "s", 2 / 3) == dict(hidden=384, intermediate=1024, heads=6)
+    assert width_shape(tmp_path / "s", 0.5) == dict(hidden=192, intermediate=768, heads=3)  # 4.5 heads -> 3 (4 fits no KV group rule)
+    assert width_shape(tmp_path / "s", 1) == dict(hidden=None, intermediate=None, heads=None)
+    LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2).save_pretrained(tmp_path / "t")
+    assert width_shape(tmp_path / "t", 2 / 3) == dict(hidden=64, intermediate=171, heads=1)
+    with pytest.raises(ValueError, match="width 1.5"):
+        width_shape(tmp_path / "t", 1.5)
 
 
 def test_students_load_and_run(demo_run):

@@ -32,7 +32,7 @@ def _forward_logprobs(teacher, tokens):
 @pytest.fixture(scope="module")
 def ht_store(tmp_path_factory, tiny_teacher, corpus_dir):
     out = tmp_path_factory.mktemp("ht") / "store"
-    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
+    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
     return out, summary
 
 
@@ -111,7 +111,7 @@ def test_inspect_reports_headtail(ht_store):
 def test_resume_redoes_an_uncommitted_shard_bit_identically(ht_store, tmp_path, tiny_teacher, corpus_dir):
     out, _ = ht_store
     copy = tmp_path / "copy"
-    cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
+    cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
     # a crash after shard 2's arrays were written but before its commit record (so before the
     # completion snapshot too): remove the record, and the header back to its state before completion
     root = zarr.open_group(str(copy), mode="r+")
@@ -121,7 +121,7 @@ def test_resume_redoes_an_uncommitted_shard_bit_identically(ht_store, tmp_path, 
     root.attrs[HEADER_ATTR] = hdr
     (copy / "commits" / (lost.split("/")[1] + ".json")).unlink()
     assert lost not in StoreReader(str(copy)).shard_paths
-    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", top_k=4, draws=8, shard_size=4, progress=False)
+    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
     assert s["shards_written"] == 1 and s["shards_skipped"] == 3 and s["complete"]
     a, b = StoreReader(str(out)), StoreReader(str(copy))
     assert a.shard_attrs(lost)["checksum_sha256"] == b.shard_attrs(lost)["checksum_sha256"]
@@ -264,19 +264,17 @@ def test_headtail_estimate_is_unbiased_monte_carlo(kind):
     assert (vals[0] - exact.detach()).abs().max() > 10 * se_v.max()
 
 
-def test_format_md_example_reads_a_headtail_store_without_kdship(ht_store, tmp_path):
+def test_format_md_example_reads_a_headtail_store_without_kdship(ht_store, tmp_path, run_isolated):
     """cache/FORMAT.md's reading example on a headtail store, zarr and numpy only: the weights it
     computes plus the data token's equal the trainer's view."""
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     md = (Path(__file__).resolve().parents[1] / "cache" / "FORMAT.md").read_text()
     code = re.search(r"## Reading a store without kdship\s+```python\n(.*?)```", md, re.S).group(1)
     out, _ = ht_store
     code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(ids.shape[1], float(np.nansum(w[1:]).round(3)))\n"
-    res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    res = run_isolated(code, tmp_path)
     assert res.returncode == 0, res.stderr
     width, wsum = res.stdout.split()
     sh = StoreReader(str(out)).read_shard(StoreReader(str(out)).shard_paths[-1])

@@ -52,3 +52,25 @@ def test_the_layout_check_sees_imports():
     """The check itself finds a cross-verb import (so an empty result above means something)."""
     src = KDSHIP / "export" / "verify.py"
     assert ("runtime" in {t for _, t in _kdship_imports(src)}) and _package_of(src) == "export"
+
+
+def test_the_cli_and_training_need_no_serving_packages():
+    """`kdship train`/`cache --help` with fastapi, uvicorn and vLLM unimportable (a GPU training image has
+    none of them): the CLI must not pull a verb's optional packages in at import. The first CUDA run
+    failed exactly so (kdship.serve's CLI read a default from a module importing fastapi)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('fastapi', 'uvicorn', 'starlette', 'vllm'): sys.modules[m] = None\n"
+        "from typer.testing import CliRunner\n"
+        "from kdship.cli import app\n"
+        "for verb in ('train', 'cache', 'export', 'serve', 'eval'):\n"
+        "    r = CliRunner().invoke(app, [verb, '--help'])\n"
+        "    assert r.exit_code == 0, (verb, r.output, r.exception)\n"
+        "import kdship.train.trainer\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -211,6 +211,17 @@ def test_cli_refuses_bad_input_clearly(tmp_path, tiny_student):
     assert r.exit_code == 2 and "no kdship store" in r.output
     r = CliRunner().invoke(app, ["train", str(tmp_path / "nostore"), "--loss", "kl9", "--student", str(tiny_student)])
     assert r.exit_code == 2
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "nostore"), "--precision", "fp16", "--student", str(tiny_student)])
+    assert r.exit_code == 2 and "--precision 'fp16'" in r.output
+
+
+def test_precision_picks_the_autocast_dtype():
+    import torch
+
+    from kdship.train.trainer import autocast_dtype
+
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype("auto", "cpu") is None
+    assert autocast_dtype("fp32", "cuda") is None and autocast_dtype("bf16", "cpu") is torch.bfloat16
 
 
 def test_final_is_replaced_so_that_a_complete_student_always_exists(tmp_path):

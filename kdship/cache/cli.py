@@ -41,6 +41,7 @@ def cache_command(
     num_shards: Optional[int] = typer.Option(None, "--num-shards", help=with_default("Split the work over N processes/hosts.", DEFAULTS, "num_shards")),
     shard_index: Optional[int] = typer.Option(None, "--shard-index", help="This process's part, 0..N-1."),
     tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", help="vLLM tensor parallelism for large teachers."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=with_default("The teacher's compute dtype (vllm, hf): auto (vLLM: the model's own; hf: float32 on the CPU, bfloat16 on CUDA), float32, bfloat16, float16.", DEFAULTS, "dtype")),
     filter: Optional[str] = typer.Option(None, "--filter", help="generate: answer-match (keep generations whose final answer matches the row's)."),
     min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="generate: reject responses shorter than this."),
     max_response_tokens: Optional[int] = typer.Option(None, "--max-response-tokens", help="generate: reject responses longer than this."),
@@ -66,7 +67,7 @@ def cache_command(
         mode=mode, top_k=top_k, targets=targets, draws=draws, sampled_candidates=sampled_candidates, backend=backend, teacher_url=teacher_url, api_key=api_key,
         samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_length=max_length,
         overflow=overflow, shard_size=shard_size, shard_positions=shard_positions, resume=resume, overwrite=overwrite, skip_bad=skip_bad, num_shards=num_shards,
-        shard_index=shard_index, tensor_parallel_size=tensor_parallel_size, filter=filter, min_new_tokens=min_new_tokens,
+        shard_index=shard_index, tensor_parallel_size=tensor_parallel_size, dtype=dtype, filter=filter, min_new_tokens=min_new_tokens,
         max_response_tokens=max_response_tokens, dedupe=dedupe, require_finished=require_finished, split=split,
         hidden_layers=hidden_layers, hidden_dim=hidden_dim,
     )

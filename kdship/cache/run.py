@@ -111,6 +111,7 @@ def cache(
     num_shards: int = 1,
     shard_index: int = 0,
     tensor_parallel_size: int = 1,
+    dtype: str = "auto",
     teacher_url: str | None = None,
     api_key: str | None = None,
     filter: str | None = None,  # noqa: A002 - the CLI flag's name
@@ -192,6 +193,7 @@ class _Options:
     num_shards: int
     shard_index: int
     tensor_parallel_size: int
+    dtype: str
     teacher_url: str | None
     api_key: str | None
     filter: str | None
@@ -222,6 +224,9 @@ class _Teacher:
     eos_ids: list[int]
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the teacher's compute dtype (vllm, hf)
+
+
 def _check_options(o: _Options) -> None:
     """Refuse bad combinations, naming the flag; fill the target kind's defaults (targets, top_k)."""
     if o.mode not in MODES:
@@ -234,6 +239,8 @@ def _check_options(o: _Options) -> None:
         raise CacheError(f"--targets {o.targets!r}: expected one of {', '.join(TARGETS)}")
     if o.backend not in BACKENDS:
         raise CacheError(f"--backend {o.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if o.dtype not in DTYPES:
+        raise CacheError(f"--dtype {o.dtype!r}: expected one of {', '.join(DTYPES)}")
     if o.top_k is None:
         o.top_k = TOP_K_DEFAULT.get(o.targets, 32)
     if o.top_k < 1:
@@ -421,7 +428,7 @@ class _LazyBackend:
         if self.backend is None:
             t_build = time.time()
             self.backend = _make_backend(o.backend, o.teacher, t.tok, t.eos_ids, o.tensor_parallel_size, o.teacher_url, o.api_key, t.max_len, o.top_k,
-                                         o.targets, o.sampled_candidates)
+                                         o.targets, o.sampled_candidates, o.dtype)
             self.build_seconds = time.time() - t_build
         if not isinstance(self.backend, _TimedBackend):
             self.backend = _TimedBackend(self.backend)
@@ -589,11 +596,11 @@ def _eos_ids(teacher: str, tok) -> list[int]:
     return sorted(ids)
 
 
-def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_len, top_k, targets, sampled_candidates):
+def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_len, top_k, targets, sampled_candidates, dtype="auto"):
     if backend == "hf":
         from kdship.cache.hf_backend import HFBackend
 
-        return HFBackend(teacher, eos_token_ids=eos_ids)
+        return HFBackend(teacher, eos_token_ids=eos_ids, dtype=dtype)
     if backend == "openai":
         from kdship.cache.openai_backend import OpenAIBackend
 
@@ -606,6 +613,7 @@ def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_
         return VLLMBackend(
             teacher,
             tensor_parallel_size=tp,
+            dtype=dtype,
             max_model_len=max(default_max_model_len(teacher), max_len),
             max_logprobs=max(DEFAULT_MAX_LOGPROBS, need),
             eos_token_ids=eos_ids,

@@ -16,7 +16,8 @@ def demo_command(
     heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out JSONL for eval."),
     ood: Optional[str] = typer.Option(None, "--ood", help="Out-of-distribution JSONL for eval."),
     train_conversations: Optional[int] = typer.Option(None, "--train-conversations", help="Chats scored by the teacher. Default 200 (~27k positions)."),
-    keep_layers: Optional[int] = typer.Option(None, "--keep-layers", help="Decoder layers the depth-pruned student keeps. Default 6 (of 30)."),
+    keep_layers: Optional[int] = typer.Option(None, "--keep-layers", help="Decoder layers the pruned student keeps. Default 8 (of 30)."),
+    width: Optional[float] = typer.Option(None, "--width", help="Share of the teacher's width (query heads, hidden, MLP) the student keeps; 1 = depth pruning only. Default 2/3."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training passes over the store, both students. Default 2."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="The exact head of the headtail targets (kdship cache --top-k). Default 4."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate, both students. Default 5e-4."),
@@ -40,7 +41,7 @@ def demo_command(
     defaults = dict(asdict(DemoSizes()), out="demo_out", quick=False, teacher=None, train_data=None, prompts_file=None, heldout=None, ood=None, progress=True)
     flags = dict(
         out=out, quick=quick, teacher=teacher, train_data=train_data, prompts_file=prompts, heldout=heldout, ood=ood, progress=progress,
-        train_conversations=train_conversations, keep_layers=keep_layers, epochs=epochs, top_k=top_k, lr=lr,
+        train_conversations=train_conversations, keep_layers=keep_layers, width=width, epochs=epochs, top_k=top_k, lr=lr,
     )
     try:
         cfg = resolve(defaults, config, flags)

@@ -56,7 +56,12 @@ class DemoSizes:
     max_new_tokens: int = 48
     gen_temperature: float = 0.7
     gen_top_p: float = 0.95
-    keep_layers: int = 6  # of the teacher's 30
+    # share of the teacher's width kept (query heads, hidden = heads x head_dim, MLP neurons; 1 = depth
+    # pruning only): SmolLM2 at 8 x 384 (6 of 9 heads, MLP 1024) in the residual stream's principal basis
+    # held the 6 x 576 depth-only student's KL at 3.65x the teacher's speed per token instead of 2.42x
+    # (bench/student_frontier.py), hence 8 layers at 2/3 width
+    keep_layers: int = 8  # of the teacher's 30
+    width: float = 2 / 3
     calibration_tokens: int = 1024
     epochs: int = 2
     batch_tokens: int = 2048
@@ -73,6 +78,26 @@ class DemoSizes:
     profile_requests: int = 8
     profile_max_tokens: int = 32
     profile_teacher: bool = True
+
+
+def width_shape(teacher: str | Path, width: float) -> dict[str, int | None]:
+    """``kdship student``'s --heads/--hidden/--intermediate for keeping ``width`` of the teacher's width: the
+    most query heads an architecture allows up to that share, the hidden size those heads span at the
+    teacher's head_dim (so it divides evenly), the same share of the MLP. ``width`` 1: depth pruning only."""
+    from transformers import AutoConfig
+
+    from kdship.student.width import allowed_heads
+
+    if not 0 < width <= 1:
+        raise ValueError(f"demo width {width}: must be in (0, 1] (the share of the teacher's width the student keeps)")
+    if width == 1:
+        return dict(hidden=None, intermediate=None, heads=None)
+    c = AutoConfig.from_pretrained(str(teacher))
+    A = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // A
+    fits = [a for a in allowed_heads(A, getattr(c, "num_key_value_heads", None) or A) if a <= width * A + 1e-9]
+    heads = max(fits) if fits else 1
+    return dict(hidden=heads * head_dim, intermediate=max(1, round(width * c.intermediate_size)), heads=heads)
 
 
 QUICK = dict(train_conversations=48, heldout_conversations=16, prompts=8, ood_passages=12, keep_layers=4, epochs=1, eval_max_items=12, profile_requests=4, max_new_tokens=32, calibration_tokens=512)
@@ -245,7 +270,9 @@ class Demo:
                     texts.append(r.get("text") or (r.get("prompt", "") + r.get("response", "")))
         out = self.out / "students" / "init"
         shutil.rmtree(out, ignore_errors=True)
-        info = prune_student(a["teacher"], out, layers=self.sizes.keep_layers, calibration=texts, calibration_tokens=self.sizes.calibration_tokens, progress=self.progress)
+        z = self.sizes
+        shape = width_shape(a["teacher"], z.width)
+        info = prune_student(a["teacher"], out, layers=z.keep_layers, **shape, calibration=texts, calibration_tokens=z.calibration_tokens, progress=self.progress)
         info["dir"] = str(out)
         return info
 
@@ -441,7 +468,9 @@ def run_demo(
     f_gen = fp("cache_generate", teacher_fp, dfp.get("prompts"), {k: s[k] for k in cache_keys + ("max_new_tokens", "gen_temperature", "gen_top_p")}, cache_defaults())
     stage("cache_generate", f_gen, lambda: demo.cache_stage("generate"), lambda r: Path(r["store"], "zarr.json").is_file())
     _close_engines()
-    f_prune = fp("prune", teacher_fp, dfp.get("train"), s["keep_layers"], s["calibration_tokens"])
+    from kdship.student.run import DEFAULTS as STUDENT_DEFAULTS
+
+    f_prune = fp("prune", teacher_fp, dfp.get("train"), {k: s[k] for k in ("keep_layers", "width", "calibration_tokens")}, STUDENT_DEFAULTS["hidden_basis"])
     stage("prune", f_prune, demo.prune, lambda r: Path(r["dir"], "config.json").is_file())
     train_keys = ("epochs", "batch_tokens", "lr", "seed")
     f_kd = fp("train_kd", f_score, f_prune, {k: s[k] for k in train_keys}, kd_settings(sizes))

@@ -126,11 +126,15 @@ def closing_table(demo) -> list[dict[str, Any]]:
         "kd": tk.get("heldout_kl_last"), "sft": ts.get("heldout_kl_last"), "retention_kd": None, "retention_sft": None, "lower_is_better": True,
     })
     pr = r.get("prune") or {}
+    # a width-pruned student shows its hidden size beside its layers
+    student_shape = str(len(pr.get("kept_layers", [])))
+    if pr.get("width") and pr.get("shape"):
+        student_shape += f" x {pr['shape']['hidden_size']}"
     rows.append({
         "metric": "parameters (decoder layers)",
         "teacher": f"{pr['teacher_params'] / 1e6:.1f} M ({pr['teacher_layers']})" if pr else None,
-        "kd": f"{pr['student_params'] / 1e6:.1f} M ({len(pr['kept_layers'])})" if pr else None,
-        "sft": f"{pr['student_params'] / 1e6:.1f} M ({len(pr['kept_layers'])})" if pr else None,
+        "kd": f"{pr['student_params'] / 1e6:.1f} M ({student_shape})" if pr else None,
+        "sft": f"{pr['student_params'] / 1e6:.1f} M ({student_shape})" if pr else None,
         "retention_kd": None, "retention_sft": None, "speedup": (pr["teacher_params"] / pr["student_params"]) if pr else None, "speedup_label": "x fewer",
     })
     pn = profile_numbers(r.get("profile"))
@@ -246,8 +250,8 @@ def write_report(demo, sizes, seconds: float) -> dict[str, Any]:
 
         kd = kd_settings(sizes)
         md.append(
-            f"Students: depth-pruned copies keeping layers {pr['kept_layers']} of {pr['teacher_layers']} "
-            f"(strategy `{pr['strategy']}`, chosen on {pr['calibration_tokens']} calibration tokens), then trained "
+            f"Students: pruned copies keeping layers {pr['kept_layers']} of {pr['teacher_layers']} "
+            f"(strategy `{pr['strategy']}`, chosen on {pr['calibration_tokens']} calibration tokens){_width_text(pr)}, then trained "
             f"by KD ({kd['loss']}, CE weight {kd['ce_weight']}, T={kd['temperature']}; `kdship train`'s defaults unless the demo config sets them) or by plain cross-entropy (SFT) "
             f"on the same store, steps, learning rate and seed."
         )
@@ -276,3 +280,14 @@ def write_report(demo, sizes, seconds: float) -> dict[str, Any]:
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     (out / "closing_table.json").write_text(json.dumps({"rows": rows, "timings": demo.timings, "seconds": seconds, "skipped": demo.skipped}, indent=1, default=str))
     return {"dir": str(out), "table": rows, "files": files}
+
+
+def _width_text(prune: dict) -> str:
+    """How the student's width was cut (``kdship student``'s summary), or nothing for depth pruning alone."""
+    shape, w = prune.get("shape") or {}, prune.get("width")
+    if not w:
+        return ""
+    basis = (w.get("hidden_basis") or {}).get("basis", "channels")
+    return (f", width cut to hidden {shape.get('hidden_size')}, MLP {shape.get('intermediate_size')}, "
+            f"{shape.get('num_attention_heads')} query heads (hidden size in the {basis} basis)")
+

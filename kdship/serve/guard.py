@@ -11,8 +11,6 @@ import secrets
 import uuid
 from typing import Any, Awaitable, Callable
 
-from fastapi.responses import JSONResponse
-
 log = logging.getLogger("kdship.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt of ~250k tokens, beyond any context the server has
@@ -25,6 +23,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 def error_response(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    from fastapi.responses import JSONResponse  # here, so that the CLI (which reads this module's defaults) runs without the server's packages
+
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}}, status_code=status, headers=headers)
 
 

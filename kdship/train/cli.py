@@ -43,6 +43,7 @@ def train_command(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="Replace an earlier run's checkpoints and final/ in --out."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after N steps in this session, with a checkpoint (continue with --resume)."),
     fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="Shard the student with FSDP under torchrun (students too big for one GPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=with_default("Forward passes: auto (bf16 autocast on CUDA, float32 on the CPU), fp32 or bf16.", DEFAULTS, "precision")),
     workers: Optional[int] = typer.Option(None, "--workers", help=with_default("Shard-decoding threads.", DEFAULTS, "workers")),
     shuffle_shards: Optional[int] = typer.Option(None, "--shuffle-shards", help=with_default("Shards mixed together by the shuffle.", DEFAULTS, "shuffle_shards")),
     logit_chunk: Optional[int] = typer.Option(None, "--logit-chunk", help="Rows per lm_head chunk (default: ~8M logits per chunk)."),
@@ -100,6 +101,6 @@ def train_command(
 _OPTION_NAMES = {
     "init_from_config", "online_teacher", "layers", "hidden", "loss", "tail", "temperature", "ce_weight", "beta", "alpha", "beyond_topk", "average",
     "max_steps", "epochs", "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_tokens", "seed", "heldout_fraction",
-    "eval_samples", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "overwrite", "stop_after", "fsdp", "workers",
+    "eval_samples", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "overwrite", "stop_after", "fsdp", "precision", "workers",
     "shuffle_shards", "logit_chunk", "tensorboard", "log_every", "progress", "hint_weight", "hint_map", "hint_loss",
 }

@@ -79,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
     "overwrite": False,
     "stop_after": None,
     "fsdp": False,
+    # auto: bf16 autocast on CUDA (student and online teacher), float32 on the CPU; fp32: never; bf16: always
+    "precision": "auto",
     "workers": 2,
     "shuffle_shards": 4,
     "logit_chunk": None,
@@ -92,6 +94,18 @@ DEFAULTS: dict[str, Any] = {
     "mix_stores": None,
     "mix_fraction": 0.0,
 }
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(precision: str, device_type: str):
+    """The autocast dtype of the forward passes (None: float32): ``auto`` is bf16 on CUDA only."""
+    import torch
+
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 class TrainError(ValueError):
@@ -607,7 +621,7 @@ def train(store: str, student: str | None = None, out: str = DEFAULT_OUT, config
     for extra in cfg["mix_stores"] or []:
         check_same_teacher(header, StoreReader(extra, verify=False).header, str(store), str(extra))
     run = _Run(cfg=cfg, store=str(store), out_dir=Path(out), dist=_Dist(bool(cfg["fsdp"])))
-    run.autocast_dtype = torch.bfloat16 if run.dist.device.type == "cuda" else None
+    run.autocast_dtype = autocast_dtype(cfg["precision"], run.dist.device.type)
     _setup_model(run, header)
     _setup_optimizer(run)
     _resume_or_start(run)
@@ -691,6 +705,8 @@ def _resolve_settings(store, student, config, options) -> dict[str, Any]:
         cfg["epochs"] = 1
     if cfg["stop_after"] is not None and int(cfg["stop_after"]) < 1:
         raise TrainError(f"--stop-after must be >= 1, got {cfg['stop_after']}")
+    if cfg["precision"] not in PRECISIONS:
+        raise TrainError(f"--precision {cfg['precision']!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg["mix_stores"]:
         if cfg["max_steps"] is None:
             raise TrainError("mixing stores (on-policy rounds) needs --max-steps (an epoch of several stores is not defined)")
