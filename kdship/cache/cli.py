@@ -41,7 +41,7 @@ def cache_command(
     num_shards: Optional[int] = typer.Option(None, "--num-shards", help=with_default("Split the work over N processes/hosts.", DEFAULTS, "num_shards")),
     shard_index: Optional[int] = typer.Option(None, "--shard-index", help="This process's part, 0..N-1."),
     tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", help="vLLM tensor parallelism for large teachers."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=with_default("The teacher's compute dtype (vllm, hf): auto (vLLM: the model's own; hf: float32 on the CPU, bfloat16 on CUDA), float32, bfloat16, float16.", DEFAULTS, "dtype")),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=with_default("The teacher's compute dtype (vllm, hf): auto (float32 on the CPU; on CUDA the model's own dtype with vllm, bfloat16 with hf), float32, bfloat16, float16.", DEFAULTS, "dtype")),
     filter: Optional[str] = typer.Option(None, "--filter", help="generate: answer-match (keep generations whose final answer matches the row's)."),
     min_new_tokens: Optional[int] = typer.Option(None, "--min-new-tokens", help="generate: reject responses shorter than this."),
     max_response_tokens: Optional[int] = typer.Option(None, "--max-response-tokens", help="generate: reject responses longer than this."),
