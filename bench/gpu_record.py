@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--no-merge", action="store_true", help="write bench/results/gpu.md only, not RESULTS.md")
     a = ap.parse_args()
     runs = [read_run(Path(r)) for r in a.results]
-    (BENCH / "results" / "gpu_results.json").write_text(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs}, indent=1) + "\n")
+    (BENCH / "results" / "gpu_results.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     (BENCH / "results" / "gpu.md").write_text(render_runs(runs))
     print("wrote", BENCH / "results" / "gpu.md")
     if not a.no_merge:

@@ -97,6 +97,7 @@ def test_width_shape_keeps_a_share_of_heads_hidden_and_mlp(tmp_path):
     assert width_shape(tmp_path / "s", 2 / 3) == dict(hidden=384, intermediate=1024, heads=6)
     assert width_shape(tmp_path / "s", 0.5) == dict(hidden=192, intermediate=768, heads=3)  # 4.5 heads -> 3 (4 fits no KV group rule)
     assert width_shape(tmp_path / "s", 1) == dict(hidden=None, intermediate=None, heads=None)
+    assert width_shape(tmp_path / "s", 0.2)["heads"] == 3  # below 3 of 9 heads: the fewest the KV groups allow, not 1
     LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2).save_pretrained(tmp_path / "t")
     assert width_shape(tmp_path / "t", 2 / 3) == dict(hidden=64, intermediate=171, heads=1)
     with pytest.raises(ValueError, match="width 1.5"):

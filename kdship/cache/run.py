@@ -596,7 +596,7 @@ def _eos_ids(teacher: str, tok) -> list[int]:
     return sorted(ids)
 
 
-def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_len, top_k, targets, sampled_candidates, dtype="auto"):
+def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_len, top_k, targets, sampled_candidates, dtype):
     if backend == "hf":
         from kdship.cache.hf_backend import HFBackend
 

@@ -82,7 +82,7 @@ class DemoSizes:
 
 def width_shape(teacher: str | Path, width: float) -> dict[str, int | None]:
     """``kdship student``'s --heads/--hidden/--intermediate for keeping ``width`` of the teacher's width: the
-    most query heads an architecture allows up to that share, the hidden size those heads span at the
+    most query heads an architecture allows up to that share (at least the fewest it allows), the hidden size those heads span at the
     teacher's head_dim (so it divides evenly), the same share of the MLP. ``width`` 1: depth pruning only."""
     from transformers import AutoConfig
 
@@ -95,8 +95,8 @@ def width_shape(teacher: str | Path, width: float) -> dict[str, int | None]:
     c = AutoConfig.from_pretrained(str(teacher))
     A = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // A
-    fits = [a for a in allowed_heads(A, getattr(c, "num_key_value_heads", None) or A) if a <= width * A + 1e-9]
-    heads = max(fits) if fits else 1
+    allowed = allowed_heads(A, getattr(c, "num_key_value_heads", None) or A)
+    heads = max((a for a in allowed if a <= width * A + 1e-9), default=min(allowed))
     return dict(hidden=heads * head_dim, intermediate=max(1, round(width * c.intermediate_size)), heads=heads)
 
 

@@ -290,4 +290,3 @@ def _width_text(prune: dict) -> str:
     basis = (w.get("hidden_basis") or {}).get("basis", "channels")
     return (f", width cut to hidden {shape.get('hidden_size')}, MLP {shape.get('intermediate_size')}, "
             f"{shape.get('num_attention_heads')} query heads (hidden size in the {basis} basis)")
-
