@@ -268,7 +268,10 @@ def main() -> None:
               (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", f"headtail_h{head}_n16_c{cands}", "bucket"),
               (f"probe: default store, beyond bucket against the student's own top-{cands} complement", ht, "bucket_far"),
               ("probe: headtail with 32 exact draws (--backend hf)", "ht_hf_n32", "bucket"),
-              ("probe: top-1024 exact (--backend hf), tail bucket", "k1024_hf", "bucket")]
+              ("probe: top-1024 exact (--backend hf), tail bucket", "k1024_hf", "bucket"),
+              ("probe: default store, plain importance-sampled draws (--draw-estimator is)", ht, "is"),
+              ("probe: default store, control-variate draws (--draw-estimator cv)", ht, "cv"),
+              ("probe: headtail with exact draws (--backend hf), control-variate draws", "ht_hf", "cv")]
     # the last two ask whether the gap to full-logit KD is the draws' noise (it shrinks with 4x the draws)
     # or sits elsewhere (a near-exact top-1024 target would still show it)
     stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
@@ -331,7 +334,9 @@ def main() -> None:
         if how == "online":
             opts["online_teacher"] = teacher
         elif how == "bucket_far":  # LossConfig.beyond_topk: the bucket against the student's own far tail
-            opts.update(tail="bucket", beyond_topk=cands)
+            opts.update(tail="bucket", beyond_topk=cands, draw_estimator="is")
+        elif how in ("is", "cv"):  # LossConfig.draw_estimator
+            opts.update(tail="bucket", draw_estimator=how)
         else:
             opts["tail"] = how
         t0 = time.time()

@@ -168,6 +168,9 @@ class StoreHeader:
     encoding: dict[str, Any] | None = field(default=None, metadata={"setting": True})
     # teacher hidden states (hint KD): layers, dim, the teacher's hidden size, projection and encoding
     hidden_states: dict[str, Any] | None = field(default=None, metadata={"setting": True})
+    # the teacher's compute dtype as resolved on this machine (float32, bfloat16, float16, or
+    # "auto:cuda" for vLLM's choice on a GPU); None for an HTTP teacher (its server decides)
+    compute_dtype: str | None = field(default=None, metadata={"setting": True})
     num_shards_total: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,11 +179,16 @@ class StoreHeader:
             del d["encoding"]  # the writer picks the target kind's default
         if d["hidden_states"] is None:
             del d["hidden_states"]  # a store without hidden states has the header it always had
+        if d["compute_dtype"] is None:
+            del d["compute_dtype"]
         return d
 
 
 # Header keys that must match to resume a store: StoreHeader's settings, and the format version.
 SETTINGS_KEYS = ("format_version",) + tuple(f.name for f in fields(StoreHeader) if f.metadata.get("setting"))
+# Settings added after stores were written without them: compared on resume only when the existing
+# store records them (an older store resumes as before)
+LATER_SETTINGS = ("compute_dtype",)
 # Teacher fields compared on resume: where the teacher lives may change, what it is may not
 # (served_model: the model id an HTTP teacher lists at /v1/models; None for local teachers).
 TEACHER_IDENTITY_KEYS = ("weights_sha256", "vocab_size", "tokenizer_sha256", "chat_template_sha256", "served_model")
@@ -224,6 +232,9 @@ class Shard:
     topk_logprobs: np.ndarray | None = None
     sample_hash: np.ndarray = field(default=None)  # type: ignore[assignment]
     target_weights: np.ndarray | None = None
+    # [T, K] bool with target_weights: True where the entry is a draw (headtail's residual draws; every
+    # entry of a sampled store), False where it is exact (headtail's head and data token)
+    target_drawn: np.ndarray | None = None
     # headtail arrays (None in other stores)
     target_ids: np.ndarray | None = None
     target_logprobs: np.ndarray | None = None
@@ -295,6 +306,7 @@ class Shard:
         self.topk_logprobs = lp_all.astype(np.float32)
         w_tok = np.where(tok_col, np.exp(self.token_logprob.astype(np.float64)), 0.0)
         self.target_weights = np.concatenate([w, w_tok[:, None]], 1).astype(np.float32)
+        self.target_drawn = np.concatenate([drawn, np.zeros((T, 1), bool)], 1)
         assert self.topk_ids.shape == (T, ids.shape[1] + 1)
         return self
 
@@ -646,7 +658,7 @@ class StoreWriter:
             else:
                 root = _open_root(self.url, "r+")
                 old = _read_header(root, self.url)
-                diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(old, k)) != _canon(_settings_value(header, k))]
+                diff = _differing_settings(old, header)
                 if diff:
                     detail = "; ".join(_describe_difference(old, header, k) for k in diff)
                     raise StoreSettingsMismatch(
@@ -669,7 +681,7 @@ class StoreWriter:
             self.root = _create_root(self.url, header)
             _shards_group(self.root)
         self.header = self._fresh_header()
-        diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(self.header, k)) != _canon(_settings_value(header, k))]
+        diff = _differing_settings(self.header, header)
         if diff:  # another process created the store first, with other settings
             raise StoreError(f"{self.url}: created concurrently with different settings ({', '.join(diff)})")
 
@@ -780,7 +792,7 @@ class StoreWriter:
     def _commit(self, path: str, attrs: dict[str, Any]) -> None:
         """Write the shard's commit record: one new object, whole or absent (see the module docstring)."""
         header = self._fresh_header()
-        diff = [k for k in SETTINGS_KEYS if _canon(_settings_value(header, k)) != _canon(_settings_value(self.header, k))]
+        diff = _differing_settings(header, self.header)
         if diff:  # another writer re-created the store with other settings while this shard was written
             raise StoreSettingsMismatch(f"{self.url}: the store's settings changed while shard {path} was written ({', '.join(diff)}); not committed")
         record = {"shard": path, "checksum_sha256": attrs["checksum_sha256"], "num_samples": attrs["num_samples"],
@@ -834,6 +846,11 @@ class StoreWriter:
                 fh.write(text)
             self._fs.mv(tmp, target)
         return len(rows)
+
+
+def _differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings keys whose values differ between an existing store's header and a new one."""
+    return [k for k in SETTINGS_KEYS if not (k in LATER_SETTINGS and k not in old) and _canon(_settings_value(old, k)) != _canon(_settings_value(new, k))]
 
 
 def _settings_value(header: dict[str, Any], key: str) -> Any:

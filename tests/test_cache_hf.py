@@ -89,6 +89,11 @@ def test_refusals(tmp_path, tiny_teacher, corpus_dir, hf_store):
         cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", top_k=8, shard_size=4, progress=False)
     with pytest.raises(CacheError, match="data"):
         cache(str(tiny_teacher), data, str(out), backend="hf", top_k=16, shard_size=4, progress=False)
+    # ... and so is another teacher precision: shards of a bf16 and a float32 teacher never mix
+    args = dict(backend="hf", targets="topk", top_k=16, shard_size=4, progress=False)
+    with pytest.raises(CacheError, match="compute_dtype: store has 'float32', asked 'bfloat16'"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), dtype="bfloat16", **args)
+    assert cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), dtype="auto", **args)["complete"]  # auto is float32 on the CPU
     # score mode needs something to score
     with pytest.raises(CacheError, match=r"prompts\.jsonl:1: score mode needs"):
         cache(str(tiny_teacher), str(corpus_dir / "prompts.jsonl"), str(tmp_path / "b"), backend="hf", progress=False)
@@ -96,6 +101,24 @@ def test_refusals(tmp_path, tiny_teacher, corpus_dir, hf_store):
     assert res.exit_code == 2 and "--overflow 'wrap'" in res.output
     res = runner.invoke(app, ["cache", str(tiny_teacher), data, "--out", str(tmp_path / "c"), "--backend", "hf", "--dtype", "fp8"])
     assert res.exit_code == 2 and "--dtype 'fp8'" in res.output
+
+
+def test_a_store_from_before_compute_dtype_resumes(tmp_path, tiny_teacher, corpus_dir, hf_store):
+    """Stores written before the header recorded the teacher's compute dtype resume as they always did."""
+    import shutil
+
+    import zarr
+
+    from kdship.store import HEADER_ATTR
+
+    old = tmp_path / "old"
+    shutil.copytree(hf_store[0], old)
+    root = zarr.open_group(str(old), mode="r+")
+    h = dict(root.attrs[HEADER_ATTR])
+    assert h.pop("compute_dtype") == "float32"
+    root.attrs[HEADER_ATTR] = h
+    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(old), backend="hf", dtype="bfloat16", targets="topk", top_k=16, shard_size=4, progress=False)
+    assert s["complete"] and "compute_dtype" not in dict(zarr.open_group(str(old), mode="r").attrs[HEADER_ATTR])
 
 
 def test_resume_refuses_another_teacher_or_chat_template(tmp_path, tiny_teacher, corpus_dir, hf_store):

@@ -144,6 +144,7 @@ def test_vllm_sampled_targets(tmp_path, vbackend, tiny_teacher, corpus_dir):
     r = StoreReader(str(tmp_path / "s"))
     ts = r.header["target_sampling"]
     assert ts["exact"] is False and ts["candidates"] == 128
+    assert r.header["compute_dtype"] == "float32"  # --dtype auto, resolved for vLLM on the CPU
     sh = r.read_shard(r.shard_paths[0])
     has = sh.topk_ids[:, 0] >= 0
     np.testing.assert_allclose(sh.target_weights[has].sum(1), 1.0, atol=1e-6)

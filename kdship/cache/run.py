@@ -400,6 +400,7 @@ def _store_header(o: _Options, t: _Teacher, n_records: int, n_total_shards: int)
         ),
         num_shards_total=n_total_shards,
         hidden_states=_hidden_header(o),
+        compute_dtype=resolved_dtype(o.backend, o.dtype),
     )
 
 
@@ -594,6 +595,24 @@ def _eos_ids(teacher: str, tok) -> list[int]:
             if x is not None:
                 ids.add(int(x))
     return sorted(ids)
+
+
+def resolved_dtype(backend: str, dtype: str) -> str | None:
+    """The teacher's compute dtype that ``--dtype`` means on this machine, recorded in the header so
+    that a store is never resumed in another precision (a bf16 teacher is ~0.07 nat off a float32
+    one): explicit dtypes as given; auto: float32 on the CPU, on CUDA bfloat16 with hf and "auto:cuda"
+    with vLLM (its choice from the model config); None with an HTTP teacher."""
+    if backend == "openai":
+        return None
+    if dtype != "auto":
+        return dtype
+    if backend == "vllm":
+        from kdship.runtime.vllm_engine import on_cpu
+
+        return "float32" if on_cpu() else "auto:cuda"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_len, top_k, targets, sampled_candidates, dtype):

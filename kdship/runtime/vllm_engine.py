@@ -24,7 +24,7 @@ class TeacherUnsupported(RuntimeError):
     """The teacher cannot run on this device with vLLM; the message says why."""
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
     try:
         from vllm.platforms import current_platform
 
@@ -44,7 +44,7 @@ def check_teacher_runs(model_dir: str) -> None:
     cfg = cfg.get("text_config", cfg)
     heads = cfg.get("num_attention_heads")
     head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None)
-    if head_dim and _on_cpu():
+    if head_dim and on_cpu():
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
         ok = CPUAttentionBackend.get_supported_head_sizes()
@@ -79,7 +79,7 @@ def get_engine(
     model's dtype on a GPU.
     """
     check_teacher_runs(model_dir)
-    cpu = _on_cpu()
+    cpu = on_cpu()
     if dtype == "auto":
         dtype = "float32" if cpu else "auto"
     max_model_len = max_model_len or default_max_model_len(model_dir)

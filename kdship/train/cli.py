@@ -25,6 +25,7 @@ def train_command(
     beta: Optional[float] = typer.Option(None, "--beta", help=with_default("Generalised JSD beta in (0,1).", DEFAULTS, "beta")),
     alpha: Optional[float] = typer.Option(None, "--alpha", help=with_default("Skew KL / skew reverse KL alpha in [0,1).", DEFAULTS, "alpha")),
     beyond_topk: Optional[int] = typer.Option(None, "--beyond-topk", help=with_default("Headtail stores from vLLM: K' > 0 trains the teacher's never-drawn mass against the student's mass outside its own top-K' (its estimate of that set) instead of outside the row's stored ids, where undrawn mid-tail tokens share the push (docs/train.md). Experimental.", DEFAULTS, "beyond_topk")),
+    draw_estimator: Optional[str] = typer.Option(None, "--draw-estimator", help=with_default("Headtail and sampled stores: how the draws estimate the teacher's tail. is: the importance-sampled sum | cv (experimental): the student's own tail as a control variate, noiseless at the teacher but noisier far from it; it trained worse students on SmolLM2 (docs/train.md).", DEFAULTS, "draw_estimator")),
     average: Optional[str] = typer.Option(None, "--average", help=with_default("token (every trained position weighs the same) | sequence (length-normalised).", DEFAULTS, "average")),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (or --epochs)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the store (default 1 when --max-steps is not given)."),
@@ -99,7 +100,7 @@ def train_command(
 
 
 _OPTION_NAMES = {
-    "init_from_config", "online_teacher", "layers", "hidden", "loss", "tail", "temperature", "ce_weight", "beta", "alpha", "beyond_topk", "average",
+    "init_from_config", "online_teacher", "layers", "hidden", "loss", "tail", "temperature", "ce_weight", "beta", "alpha", "beyond_topk", "draw_estimator", "average",
     "max_steps", "epochs", "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_tokens", "seed", "heldout_fraction",
     "eval_samples", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "overwrite", "stop_after", "fsdp", "precision", "workers",
     "shuffle_shards", "logit_chunk", "tensorboard", "log_every", "progress", "hint_weight", "hint_map", "hint_loss",

@@ -42,6 +42,7 @@ class Rows:
     target_weights: torch.Tensor | None  # [N, K] float32 (sampled stores) or None
     targets: torch.Tensor  # [N] int64, the data token of each row
     row_weight: torch.Tensor  # [N] float32, averaging weights; they sum to 1 over the global batch
+    target_drawn: torch.Tensor | None = None  # [N, K] bool with target_weights: the entry is a draw (not exact)
     hint_targets: torch.Tensor | None = None  # [N, L, D] float32, the teacher's projected hidden states (hint KD)
     # False where the data tokens are the student's own samples (an on-policy round store): the loss
     # then teaches through the teacher's targets only, with no CE on them
@@ -143,6 +144,7 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
     tg = np.empty(N, np.int32)
     has_tw = any(s.src.target_weights is not None for s in placed)
     tws = np.zeros((N, K), np.float32) if has_tw else None
+    drawn = np.zeros((N, K), bool) if has_tw else None
     # hint KD: only when the loader decoded the hidden arrays (StoreLoader(with_hidden=True))
     hid_shape = placed[0].src.hidden_states.shape[1:] if placed and placed[0].src.hidden_states is not None else None
     hint = np.empty((N,) + hid_shape, np.float32) if hid_shape else None
@@ -154,6 +156,8 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
         tg[m] = src.tokens[at_src]
         if has_tw and src.target_weights is not None:
             tws[m] = src.target_weights[at_src]
+            # a sampled store has no exact entries: every entry is a draw
+            drawn[m] = src.target_drawn[at_src] if src.target_drawn is not None else True
         if hint is not None:
             hint[m] = dequantize_hidden(src.hidden_states[at_src], src.hidden_scales[at_src])
     per_sample = np.full(len(counts), 1.0 / global_rows) if average == "token" else 1.0 / (np.maximum(counts, 1) * global_samples)
@@ -161,6 +165,7 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
         topk_ids=torch.from_numpy(ids.astype(np.int64)),
         topk_logprobs=torch.from_numpy(lps),
         target_weights=torch.from_numpy(tws) if has_tw else None,
+        target_drawn=torch.from_numpy(drawn) if has_tw else None,
         targets=torch.from_numpy(tg.astype(np.int64)),
         row_weight=torch.from_numpy(np.repeat(per_sample, counts).astype(np.float32)),
         hint_targets=torch.from_numpy(hint) if hint is not None else None,

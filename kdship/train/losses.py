@@ -48,6 +48,28 @@ so sum_i (w_i / p_i) term_i is an unbiased estimate of D, and its gradient of D'
 
 (variance grows for rkl where q >> p on tokens never drawn). T must be 1.
 
+The draws' estimator (``LossConfig.draw_estimator``)::
+
+    is   the plain importance-sampled sum above: sum over E exactly + sum_n (w_n / p_n) term_n
+    cv   the same with the student's own tail as a control variate. Let Q = 1 - sum_{v in E} q_v (the
+         student's mass off the exact entries) and a_v = sg(R q_v / Q) (the teacher's tail shaped like
+         the student's, detached). Every divergence here is a sum of per-token terms phi(p_v, q_v) with phi
+         homogeneous of degree 1, so sum_{v not in E} phi(a_v, q_v) = phi(R, Q) exactly (the bucket), value
+         and gradient; the draws then only estimate the difference:
+
+             D ~= sum_{E} phi(p_v, q_v) + phi(R, Q) + sum_n (w_n / p_n) [phi(p_n, q_n) - phi(a_n, q_n)]
+
+         unbiased for the value and the gradient like ``is`` (the draws do not depend on the student),
+         and its noise vanishes as the student's tail approaches the teacher's: at q = p every
+         correction is 0 and its gradient too. With fixed draws over several epochs, ``is`` pulls a
+         drawn token toward R * count / N and an undrawn one toward 0; ``cv`` pulls a drawn token
+         toward its exact p and leaves an undrawn one's share to the rest of the model.
+         vLLM stores: the mass B beyond the candidates is inside R (the bucket) but never drawn, so
+         those tokens keep the student's shape (a_v) rather than the teacher's; exact with --backend hf.
+         Far from the teacher its noise is *larger* than ``is``'s (a drawn token the student
+         over-weights gets a large push down); on SmolLM2 it trained worse students (docs/train.md),
+         so ``is`` is the default and ``cv`` is experimental.
+
 Total loss, averaged over rows (``average="token"``) or over sequences of length-normalised row means
 (``average="sequence"``); the batch's row weights carry this (see ``loader.Batch.row_weight``)::
 
@@ -79,6 +101,7 @@ from kdship.divergence import REST_EPS
 
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "sft")
 TAILS = ("bucket", "renorm")
+DRAW_ESTIMATORS = ("is", "cv")
 AVERAGES = ("token", "sequence")
 # weighted rows (headtail) sum to 1 within the store's encoding error (<= 1e-3, cache/FORMAT.md); a
 # shortfall beyond this is a real "beyond" mass (vLLM's candidates missed it), not rounding
@@ -98,6 +121,9 @@ class LossConfig:
     # against its mass outside its own top-K' (and the stored ids), the student's estimate of the
     # teacher's never-drawn set. Off the stored ids, undrawn mid-tail tokens share the bucket's push.
     beyond_topk: int = 0
+    # how sparse draws (headtail / sampled stores) estimate the tail: "is" (importance-sampled sum) or
+    # "cv" (experimental: the student's tail as a control variate); see the module docstring
+    draw_estimator: str = "is"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,6 +134,10 @@ class LossConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"--ce-weight must be in [0, 1], got {self.ce_weight}")
+        if self.draw_estimator not in DRAW_ESTIMATORS:
+            raise ValueError(f"--draw-estimator {self.draw_estimator!r}: unknown; choose one of {', '.join(DRAW_ESTIMATORS)}")
+        if self.draw_estimator == "cv" and self.beyond_topk:
+            raise ValueError("--beyond-topk applies to --draw-estimator is (cv puts the beyond mass in its tail bucket)")
         if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
             raise ValueError(f"--beta must be in (0, 1) for jsd, got {self.beta}")
         if self.kind in ("skl", "srkl") and not 0.0 <= self.alpha < 1.0:
@@ -162,12 +192,14 @@ def kd_row_losses(
     target_weights: torch.Tensor | None = None,
     vocab_size: int | None = None,
     s_far: torch.Tensor | None = None,
+    target_drawn: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Divergence per row [N] from student log-probs at the stored ids.
 
     s_lp: [N, K] student log-probs at the stored ids, normalised over the full vocabulary at
           temperature T (float32). t_lp: [N, K] stored teacher logprobs (T = 1). valid: [N, K] bool
           (id != -1 and t_lp finite). target_weights: [N, K] w_i = count/N for sampled stores, else None.
+    target_drawn: [N, K] bool, the entries that are draws (with target_weights; needed by ``draw_estimator="cv"``).
     vocab_size: the tokenizer's vocabulary; rows with that many valid ids are complete (no rest).
     Rows with no valid entry give 0; gradients stay finite (invalid entries are replaced before use).
     """
@@ -186,6 +218,8 @@ def kd_row_losses(
         use = valid & (w > 0)
         # w_i / p_i in log space: exact entries have w_i = p_i (ratio 1) even where p_i underflows
         ratio = torch.where(use, torch.exp(torch.log(torch.where(use, w, 1.0)) - t_safe), zero)
+        if cfg.draw_estimator == "cv" and target_drawn is not None:
+            return _cv_row_losses(cfg, terms, ratio, s_safe, w, use, target_drawn, has_any)
         out = (ratio * terms).sum(-1)
         # weights summing to 1 - B < 1: the teacher's mass B beyond everything the backend could draw
         # is one "beyond" bucket against the student's mass outside the row's stored ids
@@ -225,6 +259,31 @@ def kd_row_losses(
     terms = divergence_terms(cfg.kind, lp, lq, cfg.beta, cfg.alpha)
     out = torch.where(cat_valid, terms, zero).sum(-1)
     return torch.where(has_any, out, zero)
+
+
+def _cv_row_losses(cfg: LossConfig, terms: torch.Tensor, ratio: torch.Tensor, s: torch.Tensor, w: torch.Tensor, use: torch.Tensor,
+                   drawn: torch.Tensor, has_any: torch.Tensor) -> torch.Tensor:
+    """Weighted sparse targets with the student's tail as a control variate (``draw_estimator="cv"``, module doc).
+
+    terms: [N, K] phi(p_i, q_i); ratio: [N, K] w_i / p_i; s: [N, K] student log-probs (finite);
+    w: [N, K] weights; use: [N, K] valid entries with w > 0; drawn: [N, K] bool."""
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    neg = torch.finfo(s.dtype).min / 4
+    exact = use & ~drawn
+    draw = use & drawn
+    out = torch.where(exact, terms, zero).sum(-1)
+    # R: the teacher's mass off the exact entries (fp64: 1 - a sum near 1); Q: the student's
+    r_mass = (1.0 - torch.where(exact, w, zero).double().sum(-1)).clamp(min=0.0)
+    tail = has_any & (r_mass > REST_EPS)
+    log_r = torch.where(tail, r_mass.clamp(min=REST_EPS).log(), 0.0).to(s.dtype)
+    s_exact = torch.logsumexp(torch.where(exact, s, neg), -1)
+    log_q = torch.where(tail, _log1mexp(torch.where(tail, s_exact, -1.0)), zero)
+    bucket = divergence_terms(cfg.kind, log_r[:, None], log_q[:, None], cfg.beta, cfg.alpha)[:, 0]
+    # a_i = R q_i / Q, detached: the tail's teacher if it were shaped like the student's (<= R)
+    log_a = torch.minimum(log_r[:, None] + s - log_q[:, None], log_r[:, None]).detach()
+    terms_a = divergence_terms(cfg.kind, log_a, s, cfg.beta, cfg.alpha)
+    corr = torch.where(draw, ratio * (terms - terms_a), zero).sum(-1)
+    return out + torch.where(tail, bucket + corr, zero)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,6 +450,7 @@ class DistillLoss:
             return ok if rows.topk_ids is None else ok & (rows.topk_ids[sl] >= 0)
 
         tw = rows.target_weights
+        td = getattr(rows, "target_drawn", None)
         cw = self.ce_weight if (getattr(rows, "ce_on_data", True) or self.ce_weight >= 1.0) else 0.0
 
         def fn(s_kd: torch.Tensor, s_ce: torch.Tensor, sl: slice, s_far: torch.Tensor | None = None):
@@ -398,7 +458,8 @@ class DistillLoss:
             if cfg.kind == "sft" or cw >= 1.0:
                 kd = torch.zeros_like(s_ce)
             else:
-                kd = kd_row_losses(cfg, s_kd, rows.topk_logprobs[sl], valid(sl), None if tw is None else tw[sl], self.vocab_size, s_far)
+                kd = kd_row_losses(cfg, s_kd, rows.topk_logprobs[sl], valid(sl), None if tw is None else tw[sl], self.vocab_size, s_far,
+                                   None if td is None else td[sl])
             ce = -s_ce
             kd_sum = (rw * kd).sum()
             ce_sum = (rw * ce).sum()

@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "beta": 0.5,
     "alpha": 0.1,
     "beyond_topk": 0,  # headtail's beyond bucket against the student's own far tail (LossConfig.beyond_topk)
+    "draw_estimator": "is",  # sparse draws: plain importance-sampled sum; "cv" is experimental (LossConfig.draw_estimator)
     "average": "token",
     "max_steps": None,
     "epochs": None,
@@ -766,6 +767,7 @@ def _setup_model(run: _Run, header: dict[str, Any]) -> None:
     loss_cfg = LossConfig(
         kind=cfg["loss"], tail=cfg["tail"], temperature=float(cfg["temperature"]), ce_weight=float(cfg["ce_weight"]),
         beta=float(cfg["beta"]), alpha=float(cfg["alpha"]), chunk_rows=cfg["logit_chunk"], beyond_topk=int(cfg["beyond_topk"]),
+        draw_estimator=str(cfg["draw_estimator"]),
     )
     run.wrapper = _make_wrapper(model, DistillLoss(loss_cfg, vocab_size=run.vocab_tok), run.autocast_dtype, _hint_head(run, header))
     if run.dist.fsdp:
