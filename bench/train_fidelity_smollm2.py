@@ -271,10 +271,12 @@ def main() -> None:
               ("probe: top-1024 exact (--backend hf), tail bucket", "k1024_hf", "bucket"),
               ("probe: default store, plain importance-sampled draws (--draw-estimator is)", ht, "is"),
               ("probe: default store, control-variate draws (--draw-estimator cv)", ht, "cv"),
-              ("probe: headtail with exact draws (--backend hf), control-variate draws", "ht_hf", "cv")]
+              ("probe: headtail with exact draws (--backend hf), control-variate draws", "ht_hf", "cv"),
+              (f"probe: headtail h={head} + {draws} draws (vLLM K'=4096)", f"headtail_h{head}_n{draws}_c4096", "bucket")]
     # the last two ask whether the gap to full-logit KD is the draws' noise (it shrinks with 4x the draws)
     # or sits elsewhere (a near-exact top-1024 target would still show it)
     stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
+    stores[f"headtail_h{head}_n{draws}_c4096"] = dict(top_k=head, targets="headtail", draws=draws, sampled_candidates=4096)  # the far term
     stores["k1024_hf"] = dict(top_k=1024, targets="topk", backend="hf")
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
