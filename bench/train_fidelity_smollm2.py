@@ -21,7 +21,10 @@ Held-out metric: exact KL(teacher || student) over the full vocabulary from both
 on held-out passages no store contains, nat per position.
 Also measured: the rest mass the trainer reads from the headtail store against a transformers forward
 (max |error| over every row of the first training passages).
-Partial results are kept in WORK/fidelity_<settings>.json; a rerun with the same settings continues.
+Partial results are kept in bench/results/train_fidelity_smollm2_state/<settings>.json (committed, so a
+measurement can span sessions and machines: every student is written as soon as it is measured; the
+stores and runs under WORK are rebuilt where they are missing, bit-identically); a rerun with the same
+settings continues.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".kdship" / "bench" / "train_fidelity_smollm2"
+STATE_DIR = ROOT / "bench" / "results" / "train_fidelity_smollm2_state"
 RESULTS = ROOT / "bench" / "results"
 
 sys.path.insert(0, str(ROOT))
@@ -262,6 +266,7 @@ def main() -> None:
     # it when the gap is wide; the script continues where a session stopped)
     variants = [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[:2]] + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[2:]]
     # probes (only when named in --variants): where the default's gap to full-logit KD comes from
+    other_k = 1024 if cands != 1024 else 4096  # the far term: the default's K' against another
     stores["ht_hf"] = dict(top_k=head, targets="headtail", draws=draws, backend="hf")
     stores[f"headtail_h{head}_n16_c{cands}"] = dict(top_k=head, targets="headtail", draws=16)
     probes = [("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
@@ -272,20 +277,24 @@ def main() -> None:
               ("probe: default store, plain importance-sampled draws (--draw-estimator is)", ht, "is"),
               ("probe: default store, control-variate draws (--draw-estimator cv)", ht, "cv"),
               ("probe: headtail with exact draws (--backend hf), control-variate draws", "ht_hf", "cv"),
-              (f"probe: headtail h={head} + {draws} draws (vLLM K'=4096)", f"headtail_h{head}_n{draws}_c4096", "bucket")]
+              (f"probe: headtail h={head} + {draws} draws (vLLM K'={other_k})", f"headtail_h{head}_n{draws}_c{other_k}", "bucket")]
     # the last two ask whether the gap to full-logit KD is the draws' noise (it shrinks with 4x the draws)
     # or sits elsewhere (a near-exact top-1024 target would still show it)
     stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
-    stores[f"headtail_h{head}_n{draws}_c4096"] = dict(top_k=head, targets="headtail", draws=draws, sampled_candidates=4096)  # the far term
+    stores[f"headtail_h{head}_n{draws}_c{other_k}"] = dict(top_k=head, targets="headtail", draws=draws, sampled_candidates=other_k)  # the far term
     stores["k1024_hf"] = dict(top_k=1024, targets="topk", backend="hf")
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]
-    settings = dict(v=3, n=a.train_passages, h=a.heldout_passages, e=a.epochs, b=a.batch_tokens, lr=a.lr, keep=a.keep_layers, ht=ht)
+    # the default store is not part of the settings: its rows are named by what it is (h, N, K'), so a new
+    # default adds rows and keeps the reference's
+    settings = dict(v=4, n=a.train_passages, h=a.heldout_passages, e=a.epochs, b=a.batch_tokens, lr=a.lr, keep=a.keep_layers)
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    done_file = WORK / f"fidelity_{tag}.json"
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    done_file = STATE_DIR / f"fidelity_{tag}.json"
     state = json.loads(done_file.read_text()) if done_file.is_file() else {"settings": settings, "rows": [], "stores": {}}
     done = {(r["name"], r["seed"]): r for r in state["rows"]}
+    state["default_store"] = ht  # kdship cache's defaults now (the rows name theirs)
     names = [n for n, _, _ in base]
 
     held_ids = [tok(t)["input_ids"] for t in held_texts]
@@ -348,7 +357,7 @@ def main() -> None:
         kl, kl_parts = heldout_kl(t_lps, model, held_ids)
         del model
         online = how == "online"
-        row = {"name": name, "seed": seed, "kl": kl, "kl_parts": kl_parts, "bytes": None if online else st["bytes"], "steps": s["steps"], "tokens": s["tokens"],
+        row = {"name": name, "seed": seed, "machine": _machine(load=False), "kl": kl, "kl_parts": kl_parts, "bytes": None if online else st["bytes"], "steps": s["steps"], "tokens": s["tokens"],
                "train_s": round(train_s, 1), "tokens_per_s": round(s["tokens"] / s["seconds"], 1), "store": spath.name}
         state["rows"].append(row)
         done[(name, seed)] = row
@@ -361,17 +370,17 @@ def main() -> None:
     print(f"total {time.time() - t_all:.0f} s", flush=True)
 
 
-def _machine() -> str:
-    """Cores, CPU and the load now, measured (bench/run_all.py), never typed."""
+def _machine(load: bool = True) -> str:
+    """Cores, CPU (and the load now), measured (bench/run_all.py), never typed."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_all import machine_with_load
+    from run_all import machine, machine_with_load
 
-    return machine_with_load()
+    return machine_with_load() if load else machine()
 
 def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, mass) -> None:
     by = {(r["name"], r["seed"]): r for r in state["rows"]}
     ref_name = names[0]
-    ht_store = state["stores"].get(f"store{a.train_passages}_{state['settings']['ht']}")
+    ht_store = state["stores"].get(f"store{a.train_passages}_{state['default_store']}")
     dk_store = next((v for k, v in state["stores"].items() if k.endswith("_distillkit")), None)
     ctx = state["context"]
     lines = [
@@ -425,6 +434,10 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
         lines.append(f"Rest mass the trainer reads vs a transformers forward, {e['rows']} rows: max |error| {e['max_abs_error']:.2e}, mean {e['mean_abs_error']:.2e} (goal <= 1e-3).")
     if dk_store:
         lines.append(f"DistillKit scheme: {dk_store['bytes']} bytes/position ({dk_store['bytes_note']}); decoded top-50 mass error per row up to {dk_store['max_row_mass_error']}.")
+    row_machines = sorted({r.get("machine", "not recorded") for r in state["rows"]})
+    if len(row_machines) > 1:  # a measurement that spans sessions: KL does not depend on the CPU, wall times do
+        lines.append("The rows were measured on more than one machine (wall times compare only within one): " + "; ".join(
+            f"{m}: {sum(r.get('machine', 'not recorded') == m for r in state['rows'])} students" for m in row_machines) + ".")
     lines += ["", verdict(means, names, state)]
     with_parts = [r for r in state["rows"] if r.get("kl_parts")]
     if with_parts:
@@ -458,7 +471,7 @@ def verdict(means: dict, names: list[str], state: dict) -> str:
     ref, ours, dk = (means.get(n) for n in names)
     if not ref or not ours:
         return "Goals: not yet measured on both seeds."
-    ht_b = (state["stores"].get(f"store{state['settings']['n']}_{state['settings']['ht']}") or {}).get("bytes")
+    ht_b = (state["stores"].get(f"store{state['settings']['n']}_{state['default_store']}") or {}).get("bytes")
     r = ours / ref
     out = f"Goal (default store ÷ full-logit <= 1.01 at <= 48 bytes/position): {r:.4f} at {ht_b} B, {'met' if r <= 1.01 and ht_b <= 48 else 'not met'}."
     if dk:

@@ -99,14 +99,18 @@ def test_raw_zarr_reads_the_store(ht_store):
 
 
 def test_loader_marks_the_draws_and_both_estimators_train(ht_store, tiny_student, tmp_path):
-    """The trainer's rows carry which entries are draws (counts > 0 in the store), exact entries carry
-    w = p; a short run trains with either draw estimator and they differ."""
+    """Asked to (the cv estimator), the trainer's rows carry which entries are draws (counts > 0 in the
+    store), exact entries carry w = p; unasked, the loader leaves that out; a short run trains with
+    either draw estimator and they differ."""
     from kdship.train.loader import StoreLoader
     from kdship.train.trainer import train
 
     out, _ = ht_store
-    batch = next(iter(StoreLoader(str(out), batch_tokens=200, seed=0, heldout_fraction=0.0, max_epochs=1)))
+    plain = next(iter(StoreLoader(str(out), batch_tokens=200, seed=0, heldout_fraction=0.0, max_epochs=1)))
+    assert plain.rows.target_weights is not None and plain.rows.target_drawn is None
+    batch = next(iter(StoreLoader(str(out), batch_tokens=200, seed=0, heldout_fraction=0.0, max_epochs=1, with_drawn=True)))
     r = batch.rows
+    torch.testing.assert_close(r.target_weights, plain.rows.target_weights)
     valid = r.topk_ids >= 0
     assert r.target_drawn is not None and (r.target_drawn & valid).any() and (~r.target_drawn & valid).any()
     exact = valid & ~r.target_drawn

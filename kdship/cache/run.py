@@ -119,7 +119,7 @@ def cache(
     max_response_tokens: int | None = None,
     dedupe: bool = False,
     require_finished: bool = False,
-    sampled_candidates: int = 1024,
+    sampled_candidates: int = 4096,
     split: str | None = None,
     hidden_layers: str | list[int] | None = None,
     hidden_dim: int | None = None,
@@ -600,19 +600,18 @@ def _eos_ids(teacher: str, tok) -> list[int]:
 def resolved_dtype(backend: str, dtype: str) -> str | None:
     """The teacher's compute dtype that ``--dtype`` means on this machine, recorded in the header so
     that a store is never resumed in another precision (a bf16 teacher is ~0.07 nat off a float32
-    one): explicit dtypes as given; auto: float32 on the CPU, on CUDA bfloat16 with hf and "auto:cuda"
-    with vLLM (its choice from the model config); None with an HTTP teacher."""
+    one): each backend's own resolution, vLLM's GPU "auto" recorded as "auto:cuda"; None with an
+    HTTP teacher."""
     if backend == "openai":
         return None
-    if dtype != "auto":
-        return dtype
     if backend == "vllm":
-        from kdship.runtime.vllm_engine import on_cpu
+        from kdship.runtime.vllm_engine import engine_dtype
 
-        return "float32" if on_cpu() else "auto:cuda"
-    import torch
+        d = engine_dtype(dtype)
+        return "auto:cuda" if d == "auto" else d
+    from kdship.cache.hf_backend import compute_dtype
 
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    return compute_dtype(dtype)
 
 
 def _make_backend(backend, teacher, tok, eos_ids, tp, teacher_url, api_key, max_len, top_k, targets, sampled_candidates, dtype):

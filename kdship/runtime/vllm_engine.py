@@ -64,6 +64,14 @@ def default_max_model_len(model_dir: str, cap: int = 4096) -> int:
     return cap
 
 
+def engine_dtype(dtype: str) -> str:
+    """The dtype vLLM is given for ``--dtype``: auto is float32 on the CPU (bf16 is slow there and
+    ~0.07 nat off) and "auto" on a GPU (vLLM's choice from the model config); explicit names as given."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if on_cpu() else "auto"
+
+
 def get_engine(
     model_dir: str,
     max_model_len: int | None = None,
@@ -75,13 +83,11 @@ def get_engine(
 ):
     """One ``vllm.LLM`` per (process, settings): built on first use, then reused.
 
-    ``dtype="auto"`` means float32 on the CPU (bf16 is slow there and ~0.07 nat off) and the
-    model's dtype on a GPU.
+    ``dtype``: as ``engine_dtype`` resolves it.
     """
     check_teacher_runs(model_dir)
     cpu = on_cpu()
-    if dtype == "auto":
-        dtype = "float32" if cpu else "auto"
+    dtype = engine_dtype(dtype)
     max_model_len = max_model_len or default_max_model_len(model_dir)
     key = (str(model_dir), max_model_len, max_logprobs, dtype, tensor_parallel_size, seed, tuple(sorted(extra.items())))
     if key in _ENGINES:

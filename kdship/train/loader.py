@@ -93,7 +93,8 @@ def _samples_of(shard, keep: np.ndarray) -> list[_Sample]:
     return [_Sample(shard, starts[i], starts[i + 1] - starts[i] - 1, flat[cut[i] : cut[i + 1]] - starts[i]) for i in np.flatnonzero(keep).tolist()]
 
 
-def collate(samples: list[_Sample], global_rows: int, global_samples: int, average: str, global_tokens: int, epoch: int = 0) -> Batch:
+def collate(samples: list[_Sample], global_rows: int, global_samples: int, average: str, global_tokens: int, epoch: int = 0,
+            with_drawn: bool = False) -> Batch:
     """Pack one rank's samples into rows and gather their trained rows' targets.
 
     The per-sample loop only places input tokens; the targets are gathered with one fancy index per
@@ -144,7 +145,7 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
     tg = np.empty(N, np.int32)
     has_tw = any(s.src.target_weights is not None for s in placed)
     tws = np.zeros((N, K), np.float32) if has_tw else None
-    drawn = np.zeros((N, K), bool) if has_tw else None
+    drawn = np.zeros((N, K), bool) if has_tw and with_drawn else None  # only the cv estimator reads it
     # hint KD: only when the loader decoded the hidden arrays (StoreLoader(with_hidden=True))
     hid_shape = placed[0].src.hidden_states.shape[1:] if placed and placed[0].src.hidden_states is not None else None
     hint = np.empty((N,) + hid_shape, np.float32) if hid_shape else None
@@ -156,8 +157,8 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
         tg[m] = src.tokens[at_src]
         if has_tw and src.target_weights is not None:
             tws[m] = src.target_weights[at_src]
-            # a sampled store has no exact entries: every entry is a draw
-            drawn[m] = src.target_drawn[at_src] if src.target_drawn is not None else True
+            if drawn is not None:  # a sampled store has no exact entries: every entry is a draw
+                drawn[m] = src.target_drawn[at_src] if src.target_drawn is not None else True
         if hint is not None:
             hint[m] = dequantize_hidden(src.hidden_states[at_src], src.hidden_scales[at_src])
     per_sample = np.full(len(counts), 1.0 / global_rows) if average == "token" else 1.0 / (np.maximum(counts, 1) * global_samples)
@@ -165,7 +166,7 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
         topk_ids=torch.from_numpy(ids.astype(np.int64)),
         topk_logprobs=torch.from_numpy(lps),
         target_weights=torch.from_numpy(tws) if has_tw else None,
-        target_drawn=torch.from_numpy(drawn) if has_tw else None,
+        target_drawn=torch.from_numpy(drawn) if drawn is not None else None,
         targets=torch.from_numpy(tg.astype(np.int64)),
         row_weight=torch.from_numpy(np.repeat(per_sample, counts).astype(np.float32)),
         hint_targets=torch.from_numpy(hint) if hint is not None else None,
@@ -216,8 +217,11 @@ class StoreLoader:
         verify: bool = True,
         prefetch_batches: int = 4,
         with_hidden: bool = False,
+        with_drawn: bool = False,
     ):
-        # with_hidden: also decode the teacher's hidden states (hint KD); off, they are never read
+        # with_hidden: also decode the teacher's hidden states (hint KD); off, they are never read.
+        # with_drawn: batches mark which weighted entries are draws (Rows.target_drawn, for the cv estimator)
+        self.with_drawn = with_drawn
         self.reader = StoreReader(store, verify=verify, with_hidden=with_hidden)
         self.paths = self.reader.shard_paths
         if not self.paths:
@@ -301,7 +305,7 @@ class StoreLoader:
         g_rows = sum(len(s.rows) for s in samples)
         g_tokens = sum(s.n_input for s in samples)
         mine = split_for_ranks(samples, self.world_size)[self.rank]
-        batch = collate(mine, g_rows, len(samples), self.average, g_tokens, epoch=pending[0][1]["sample_epoch"])
+        batch = collate(mine, g_rows, len(samples), self.average, g_tokens, epoch=pending[0][1]["sample_epoch"], with_drawn=self.with_drawn)
         batch.state = {k: v for k, v in pending[-1][1].items() if k != "sample_epoch"}
         return batch
 
@@ -408,7 +412,7 @@ class StoreLoader:
             n += s.n_input
         if cur:
             out.append(cur)
-        return [collate(c, total_rows, len(samples), "token", sum(s.n_input for s in c)) for c in out]
+        return [collate(c, total_rows, len(samples), "token", sum(s.n_input for s in c), with_drawn=self.with_drawn) for c in out]
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.state)

@@ -184,6 +184,14 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.log(2.0), torch.log1p(-x.exp()), torch.log(-torch.expm1(x)))
 
 
+def _log_mass_outside(s: torch.Tensor, inside: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[N] log(1 - sum_{inside} exp(s)): the student's log mass off the ``inside`` entries ([N, K] bool)
+    on the ``rows`` that have such a category, 0 elsewhere (where-guarded, so no NaN gradient leaks)."""
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    s_in = torch.logsumexp(torch.where(inside, s, torch.finfo(s.dtype).min / 4), -1)
+    return torch.where(rows, _log1mexp(torch.where(rows, s_in, -1.0)), zero)
+
+
 def kd_row_losses(
     cfg: LossConfig,
     s_lp: torch.Tensor,
@@ -218,7 +226,9 @@ def kd_row_losses(
         use = valid & (w > 0)
         # w_i / p_i in log space: exact entries have w_i = p_i (ratio 1) even where p_i underflows
         ratio = torch.where(use, torch.exp(torch.log(torch.where(use, w, 1.0)) - t_safe), zero)
-        if cfg.draw_estimator == "cv" and target_drawn is not None:
+        if cfg.draw_estimator == "cv":
+            if target_drawn is None:  # never fall back to "is" silently
+                raise ValueError("draw_estimator cv: the rows do not say which entries are draws (StoreLoader(..., with_drawn=True))")
             return _cv_row_losses(cfg, terms, ratio, s_safe, w, use, target_drawn, has_any)
         out = (ratio * terms).sum(-1)
         # weights summing to 1 - B < 1: the teacher's mass B beyond everything the backend could draw
@@ -227,8 +237,7 @@ def kd_row_losses(
         bucket = has_any & (b > BUCKET_EPS)
         t_b = torch.where(bucket, b.clamp(min=BUCKET_EPS).log(), 0.0).to(s_lp.dtype)
         if s_far is None:  # the student's mass off the stored ids
-            s_in = torch.logsumexp(torch.where(valid, s_safe, neg), -1)
-            s_b = torch.where(bucket, _log1mexp(torch.where(bucket, s_in, -1.0)), zero)
+            s_b = _log_mass_outside(s_safe, valid, bucket)
         else:  # its mass outside its own top-K' and the stored ids (LossConfig.beyond_topk)
             s_b = torch.where(bucket, s_far.to(s_lp.dtype), zero)
         b_term = divergence_terms(cfg.kind, t_b[:, None], s_b[:, None], cfg.beta, cfg.alpha)[:, 0]
@@ -248,8 +257,7 @@ def kd_row_losses(
     complete = valid.sum(-1) >= vocab_size if vocab_size else torch.zeros_like(has_any)
     rest_valid = has_any & ~complete & (t_rest_mass > REST_EPS)
     t_rest = torch.where(rest_valid, t_rest_mass.clamp(min=REST_EPS).log(), 0.0).to(s_lp.dtype)
-    s_in = torch.logsumexp(torch.where(valid, s_safe, neg), -1)
-    s_rest = torch.where(rest_valid, _log1mexp(torch.where(rest_valid, s_in, -1.0)), zero)
+    s_rest = _log_mass_outside(s_safe, valid, rest_valid)
     lp = torch.cat([t_safe, t_rest[:, None]], -1)
     lq = torch.cat([s_safe, s_rest[:, None]], -1)
     cat_valid = torch.cat([valid, rest_valid[:, None]], -1)
@@ -268,7 +276,6 @@ def _cv_row_losses(cfg: LossConfig, terms: torch.Tensor, ratio: torch.Tensor, s:
     terms: [N, K] phi(p_i, q_i); ratio: [N, K] w_i / p_i; s: [N, K] student log-probs (finite);
     w: [N, K] weights; use: [N, K] valid entries with w > 0; drawn: [N, K] bool."""
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
-    neg = torch.finfo(s.dtype).min / 4
     exact = use & ~drawn
     draw = use & drawn
     out = torch.where(exact, terms, zero).sum(-1)
@@ -276,8 +283,7 @@ def _cv_row_losses(cfg: LossConfig, terms: torch.Tensor, ratio: torch.Tensor, s:
     r_mass = (1.0 - torch.where(exact, w, zero).double().sum(-1)).clamp(min=0.0)
     tail = has_any & (r_mass > REST_EPS)
     log_r = torch.where(tail, r_mass.clamp(min=REST_EPS).log(), 0.0).to(s.dtype)
-    s_exact = torch.logsumexp(torch.where(exact, s, neg), -1)
-    log_q = torch.where(tail, _log1mexp(torch.where(tail, s_exact, -1.0)), zero)
+    log_q = _log_mass_outside(s, exact, tail)
     bucket = divergence_terms(cfg.kind, log_r[:, None], log_q[:, None], cfg.beta, cfg.alpha)[:, 0]
     # a_i = R q_i / Q, detached: the tail's teacher if it were shaped like the student's (<= R)
     log_a = torch.minimum(log_r[:, None] + s - log_q[:, None], log_r[:, None]).detach()

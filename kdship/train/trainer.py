@@ -677,7 +677,7 @@ class _Run:
                 store, int(c["batch_tokens"]), seed=int(c["seed"]), heldout_fraction=float(c["heldout_fraction"]),
                 eval_samples=int(c["eval_samples"]), shuffle_shards=int(c["shuffle_shards"]), workers=int(c["workers"]),
                 average=c["average"], rank=self.dist.rank, world_size=self.dist.world, max_epochs=max_epochs, state=state,
-                with_hidden=self.wrapper is not None and self.wrapper.hint is not None,
+                with_hidden=self.wrapper is not None and self.wrapper.hint is not None, with_drawn=c["draw_estimator"] == "cv",
             )
 
         if not c["mix_stores"]:
