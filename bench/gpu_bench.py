@@ -167,16 +167,19 @@ def train_run(spec: dict, store: Path, teacher_cfg: Path, online: Path | None, w
 
 def plan(cuda: bool, teacher_layers: int, pairs: str | None = None) -> tuple[list[dict], dict]:
     """(train runs in priority order, sizes). Each (layers, batch) pair: store first, then online.
-    ``pairs`` ("LAYERSxBATCH,..."; "T" = the teacher's layers) replaces the CUDA default, e.g. for a second
-    device call that measures what the first one's budget left out."""
+    ``pairs`` ("LAYERSxBATCH,..."; "T" = the teacher's layers) replaces the default pairs, e.g. for a second
+    device call that measures what the first one's budget left out (on the CPU rehearsal too)."""
     if cuda:
         # run_timeout_s: a 30-layer run at 16k tokens took 73 s (55 s of steps plus start-up and saving)
         sizes = {"pairs": [(6, 4096), (6, 16384), (teacher_layers, 16384), (teacher_layers, 4096)], "steps": 100, "warm": 10,
                  "run_timeout_s": 110, "smoke_timeout_s": 150, "online_teacher_layers": None}
-        if pairs:
-            sizes["pairs"] = [(teacher_layers if l == "T" else int(l), int(b)) for l, b in (p.split("x") for p in pairs.split(","))]
     else:
         sizes = {"pairs": [(1, 256)], "steps": 4, "warm": 1, "run_timeout_s": 150, "smoke_timeout_s": 120, "online_teacher_layers": 1}
+    if pairs:
+        try:
+            sizes["pairs"] = [(teacher_layers if l == "T" else int(l), int(b)) for l, b in (p.split("x") for p in pairs.split(","))]
+        except ValueError as e:
+            raise SystemExit(f"--pairs {pairs!r}: expected LAYERSxBATCH[,...] (LAYERS a number or T), e.g. Tx16384,6x4096 ({e})") from e
     runs = [{"name": f"L{layers}_b{bt}_{mode}", "mode": mode, "layers": layers, "batch_tokens": bt, "steps": sizes["steps"], "warm": sizes["warm"]}
             for layers, bt in sizes["pairs"] for mode in ("store", "online")]
     return runs, sizes
@@ -187,7 +190,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="where gpu_results.json, gpu.md and gpu_log.txt go ($OUT on the device)")
     ap.add_argument("--budget-s", type=float, default=360, help="the whole script's wall-clock budget")
     ap.add_argument("--work", default="/tmp/kdship-gpu-work", help="scratch: run directories, the online teacher")
-    ap.add_argument("--pairs", help="CUDA: the (student layers x batch tokens) pairs to time, e.g. Tx16384,Tx4096 (T: the teacher's layers)")
+    ap.add_argument("--pairs", help="the (student layers x batch tokens) pairs to time, e.g. Tx16384,Tx4096 (T: the teacher's layers)")
     ap.add_argument("--smoke-tests", help="comma-separated test files instead of the smoke list")
     a = ap.parse_args()
     budget = Budget(a.budget_s)

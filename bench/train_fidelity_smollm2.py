@@ -104,7 +104,8 @@ def heldout_kl(t_lps, student, ids_list) -> tuple[float, dict]:
     return tot / n, {k: v / n for k, v in parts.items()}
 
 
-def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int | None = None, backend: str = "vllm", draws: int | None = None) -> dict:
+def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int | None = None, backend: str = "vllm",
+                draws: int | None = None, certain_exact: bool | None = None) -> dict:
     """`kdship cache` (a subprocess: the vLLM engine is gone before training starts)."""
     info_file = out.with_suffix(".info.json")
     if info_file.is_file() and out.is_dir():
@@ -116,6 +117,8 @@ def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, s
         cmd += ["--sampled-candidates", str(sampled_candidates)]
     if draws is not None:
         cmd += ["--draws", str(draws)]
+    if certain_exact is not None:
+        cmd += ["--certain-exact" if certain_exact else "--no-certain-exact"]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     secs = time.time() - t0
@@ -257,16 +260,20 @@ def main() -> None:
     prune_info = json.loads((student0 / "kdship_prune.json").read_text())
 
     head, draws, cands = TOP_K_DEFAULT["headtail"], CACHE_DEFAULTS["draws"], CACHE_DEFAULTS["sampled_candidates"]
-    ht = f"headtail_h{head}_n{draws}_c{cands}"
+    ce_default = bool(CACHE_DEFAULTS["certain_exact"])
+    ce_tag = lambda on: "_ce" if on else ""  # noqa: E731 - store keys say what the store is, not what the default was
+    ht = f"headtail_h{head}_n{draws}_c{cands}{ce_tag(ce_default)}"
     stores = {ht: dict(top_k=head, targets="headtail", draws=draws), "k50": dict(top_k=50, targets="topk")}
     # (name, store key, how): most important first; partial results are written after every student
-    base = [("full-logit online KD", ht, "online"), (f"kdship default: headtail h={head} + {draws} draws (vLLM K'={cands})", ht, "bucket"),
+    base = [("full-logit online KD", ht, "online"), (f"kdship default: headtail h={head} + {draws} draws (vLLM K'={cands}{', certain draws exact' if ce_default else ''})", ht, "bucket"),
             ("DistillKit budget scheme (k=50 poly, tail bucket)", "distillkit", "bucket")]
     # the default store and its reference on every seed first, DistillKit's scheme last (one seed decides
     # it when the gap is wide; the script continues where a session stopped)
     variants = [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[:2]] + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[2:]]
     # probes (only when named in --variants): where the default's gap to full-logit KD comes from
     other_k = 1024 if cands != 1024 else 4096  # the far term: the default's K' against another
+    ht_flip = f"headtail_h{head}_n{draws}_c{cands}{ce_tag(not ce_default)}"
+    stores[ht_flip] = dict(top_k=head, targets="headtail", draws=draws, certain_exact=not ce_default)
     stores["ht_hf"] = dict(top_k=head, targets="headtail", draws=draws, backend="hf")
     stores[f"headtail_h{head}_n16_c{cands}"] = dict(top_k=head, targets="headtail", draws=16)
     probes = [("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
@@ -277,7 +284,8 @@ def main() -> None:
               ("probe: default store, plain importance-sampled draws (--draw-estimator is)", ht, "is"),
               ("probe: default store, control-variate draws (--draw-estimator cv)", ht, "cv"),
               ("probe: headtail with exact draws (--backend hf), control-variate draws", "ht_hf", "cv"),
-              (f"probe: headtail h={head} + {draws} draws (vLLM K'={other_k})", f"headtail_h{head}_n{draws}_c{other_k}", "bucket")]
+              (f"probe: headtail h={head} + {draws} draws (vLLM K'={other_k})", f"headtail_h{head}_n{draws}_c{other_k}", "bucket"),
+              (f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --{'no-' if ce_default else ''}certain-exact)", ht_flip, "bucket")]
     # the last two ask whether the gap to full-logit KD is the draws' noise (it shrinks with 4x the draws)
     # or sits elsewhere (a near-exact top-1024 target would still show it)
     stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
@@ -293,6 +301,14 @@ def main() -> None:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     done_file = STATE_DIR / f"fidelity_{tag}.json"
     state = json.loads(done_file.read_text()) if done_file.is_file() else {"settings": settings, "rows": [], "stores": {}}
+    # a store's rows keep their numbers when the defaults move: a row is (store, how); its name is
+    # what that is called now (e.g. the old default store becomes a probe)
+    called = {(f"store{a.train_passages}_{sk}", how): n for n, sk, how in base + probes if how != "online"}
+    for r in state["rows"]:
+        now = called.get((r.get("store"), r.get("how", "bucket"))) if r.get("bytes") is not None else None
+        if now and now != r["name"]:
+            print(f"row renamed: {r['name']!r} -> {now!r}", flush=True)
+            r["name"] = now
     done = {(r["name"], r["seed"]): r for r in state["rows"]}
     state["default_store"] = ht  # kdship cache's defaults now (the rows name theirs)
     names = [n for n, _, _ in base]
@@ -357,7 +373,7 @@ def main() -> None:
         kl, kl_parts = heldout_kl(t_lps, model, held_ids)
         del model
         online = how == "online"
-        row = {"name": name, "seed": seed, "machine": _machine(load=False), "kl": kl, "kl_parts": kl_parts, "bytes": None if online else st["bytes"], "steps": s["steps"], "tokens": s["tokens"],
+        row = {"name": name, "seed": seed, "how": how, "machine": _machine(load=False), "kl": kl, "kl_parts": kl_parts, "bytes": None if online else st["bytes"], "steps": s["steps"], "tokens": s["tokens"],
                "train_s": round(train_s, 1), "tokens_per_s": round(s["tokens"] / s["seconds"], 1), "store": spath.name}
         state["rows"].append(row)
         done[(name, seed)] = row
@@ -455,7 +471,7 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
     per_seed = [f"{n}: seed {sd} {by[(n, sd)]['kl'] / by[(ref_name, sd)]['kl']:.4f}" for n in names[1:] for sd in seeds if (n, sd) in by and (ref_name, sd) in by]
     if per_seed and not all(means.get(n) for n in names):
         lines.append("÷ full-logit on the seeds measured so far (one seed is not the goal's measure): " + "; ".join(per_seed) + ".")
-    n_done, n_all = len(state["rows"]), len(names) * len(seeds)
+    n_done, n_all = sum(r["name"] in names for r in state["rows"]), len(names) * len(seeds)  # probes are extra
     lines.append(f"\nPartial: {n_done} of {n_all} students measured so far (the script writes after every student; rerun to continue)." if n_done < n_all
                  else f"\nWhole script: {wall_s / 60:.0f} min wall time ({len(state['stores'])} stores, {n_done} students).")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,8 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
 
     ``mean_topk_mass`` = mean over targeted positions of sum_k exp(topk_logprobs): the share of the
     teacher's probability the stored ids cover (1.0 would be the whole distribution). Headtail stores
-    add ``headtail``: the mean exact mass (head + data token), the mean rest mass (what the draws
+    add ``headtail``: the mean exact mass (head + data token, and with ``--certain-exact`` the draws
+    certain to be hit) and exact entries per row, the mean rest mass (what the draws
     stand for), distinct draws per row, and the largest |sum of a row's weights - 1| (encoding error).
     """
     r = StoreReader(url, verify=verify)
@@ -43,7 +44,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
     samples = positions = targeted = with_target = 0
     mass_sum = 0.0
     valid_k_sum = 0
-    ht = {"exact_mass": 0.0, "rest_mass": 0.0, "beyond_mass": 0.0, "distinct_draws": 0, "max_weight_sum_error": 0.0}
+    ht = {"exact_mass": 0.0, "rest_mass": 0.0, "beyond_mass": 0.0, "distinct_draws": 0, "exact_entries": 0, "max_weight_sum_error": 0.0}
     for _, shard in r.iter_shards():
         samples += shard.num_samples
         positions += shard.num_positions
@@ -55,6 +56,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
                 ht["rest_mass"] += float(rest.sum())
                 ht["exact_mass"] += float((1.0 - rest).sum())
                 ht["distinct_draws"] += int(((shard.target_ids[sel] >= 0) & (shard.target_counts[sel] > 0)).sum())
+                ht["exact_entries"] += int(((shard.target_ids[sel] >= 0) & (shard.target_counts[sel] == 0)).sum())
                 bl = shard.beyond_logmass[sel].astype(np.float64)
                 beyond = np.where(bl > REST_FLOOR, np.exp(bl), 0.0)  # the trainer's bucket: the weights sum to 1 - B
                 ht["beyond_mass"] += float(beyond.sum())
@@ -80,10 +82,12 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
         headtail = {
             "head": (h.get("target_sampling") or {}).get("head"),
             "draws": (h.get("target_sampling") or {}).get("draws"),
+            "certain_exact": bool((h.get("target_sampling") or {}).get("certain_exact")),
             "mean_exact_mass": round(ht["exact_mass"] / targeted, 4),
             "mean_rest_mass": round(ht["rest_mass"] / targeted, 4),
             "mean_beyond_mass": round(ht["beyond_mass"] / targeted, 4),
             "mean_distinct_draws": round(ht["distinct_draws"] / targeted, 2),
+            "mean_exact_entries": round(ht["exact_entries"] / targeted, 2),
             "max_weight_sum_error": float(f"{ht['max_weight_sum_error']:.3g}"),
         }
     return {
@@ -159,7 +163,8 @@ def format_report(info: dict[str, Any]) -> str:
         ht = info["headtail"]
         lines.insert(
             6,
-            f"headtail         exact head+token mass {ht['mean_exact_mass']}, rest mass {ht['mean_rest_mass']} "
+            f"headtail         exact mass {ht['mean_exact_mass']} (head{', draws certain to be hit' if ht.get('certain_exact') else ''} and data token; "
+            f"{ht.get('mean_exact_entries')} stored exact entries per row), rest mass {ht['mean_rest_mass']} "
             f"estimated by {ht['mean_distinct_draws']} distinct of {ht['draws']} draws, {ht['mean_beyond_mass']} of it beyond the "
             f"backend's candidates (never drawn: one bucket); max |sum of weights + beyond - 1| {ht['max_weight_sum_error']}",
         )

@@ -96,6 +96,7 @@ def cache(
     backend: str = "vllm",
     targets: str | None = None,
     draws: int = 8,
+    certain_exact: bool = False,
     samples: int = 1,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -178,6 +179,7 @@ class _Options:
     backend: str
     targets: str | None
     draws: int
+    certain_exact: bool
     samples: int
     temperature: float
     top_p: float
@@ -379,7 +381,7 @@ def _store_header(o: _Options, t: _Teacher, n_records: int, n_total_shards: int)
         mode=o.mode,
         top_k=None if o.backend == "openai" else o.top_k,  # an HTTP teacher's cap decides, once it answers
         targets=o.targets,
-        target_sampling=_target_sampling(o.targets, o.top_k, o.draws, o.backend, o.sampled_candidates, o.seed),
+        target_sampling=_target_sampling(o.targets, o.top_k, o.draws, o.backend, o.sampled_candidates, o.seed, o.certain_exact),
         teacher=t.fingerprint,
         sampling=(
             {"samples": o.samples, "temperature": o.temperature, "top_p": o.top_p, "max_new_tokens": o.max_new_tokens, "seed": o.seed}
@@ -457,11 +459,11 @@ def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backe
             if shard_items:
                 be = backend_ref.get()
                 if o.mode == "score":
-                    samples_out = _score_items(be, shard_items, k_store, o.targets, o.sampled_candidates, o.seed, t.vocab, o.draws)
+                    samples_out = _score_items(be, shard_items, k_store, o.targets, o.sampled_candidates, o.seed, t.vocab, o.draws, o.certain_exact)
                 else:
                     samples_out, frej = _generate_items(
                         be, shard_items, k_store, o.samples, o.temperature, o.top_p, o.max_new_tokens, o.seed, o.targets, o.sampled_candidates, t.vocab, t.tok,
-                        filter_fn, o.filter, o.min_new_tokens, o.max_response_tokens, o.dedupe, o.require_finished, o.draws,
+                        filter_fn, o.filter, o.min_new_tokens, o.max_response_tokens, o.dedupe, o.require_finished, o.draws, o.certain_exact,
                     )
                     shard_rejects += frej
                 if projection is not None:
@@ -648,7 +650,7 @@ def _load_filter():
     return filter_generations
 
 
-def _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed):
+def _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed, certain_exact=False):
     """The header's record of how sparse targets were drawn (None for topk)."""
     if targets == "topk":
         return None
@@ -656,10 +658,12 @@ def _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed):
             "candidates": "full-vocabulary" if backend == "hf" else int(sampled_candidates), "exact": backend == "hf", "seed": seed}
     if targets == "headtail":
         spec["head"] = int(top_k)
+        if certain_exact:  # recorded only when on: stores written before the option resume as before
+            spec["certain_exact"] = True
     return spec
 
 
-def _targets_for(ids, lps, top_k, targets, rng, tokens=None, token_lp=None, draws=8) -> dict[str, Any]:
+def _targets_for(ids, lps, top_k, targets, rng, tokens=None, token_lp=None, draws=8, certain_exact=False) -> dict[str, Any]:
     """One sequence's target arrays (the sample dict's target keys) from its candidate rows."""
     if targets == "topk":
         return {"topk_ids": ids[:, :top_k], "topk_logprobs": lps[:, :top_k]}
@@ -668,7 +672,7 @@ def _targets_for(ids, lps, top_k, targets, rng, tokens=None, token_lp=None, draw
         return {"topk_ids": ti, "topk_logprobs": tl, "target_weights": tw}
     if token_lp is None:
         token_lp = np.full(len(tokens), np.nan, np.float32)
-    out = draw_headtail_targets(ids, lps, tokens, token_lp, top_k, draws, rng)
+    out = draw_headtail_targets(ids, lps, tokens, token_lp, top_k, draws, rng, certain_exact)
     out["_missing_mass"] = float(out.pop("missing_mass").sum())
     return out
 
@@ -703,7 +707,7 @@ def _bounded_groups(items: list, entries: list[int]):
         yield group
 
 
-def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab, draws=8):
+def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab, draws=8, certain_exact=False):
     kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
     own = targets == "headtail"
     out = []
@@ -711,13 +715,13 @@ def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab, dra
         res = be.score([it["tokens"].tolist() for it in chunk], kc, **({"with_token_logprobs": True} if own else {}))
         for it, r in zip(chunk, res):
             ids, lps = r[0], r[1]
-            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, 0), it["tokens"], r[2] if own else None, draws)
+            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, 0), it["tokens"], r[2] if own else None, draws, certain_exact)
             out.append({"tokens": it["tokens"], "loss_mask": it["mask"], "sample_index": it["row"].index, **tgt})
     return out
 
 
 def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
-                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished, draws=8):
+                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished, draws=8, certain_exact=False):
     kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
     gens = []
     for chunk in _bounded_groups(items, [samples * max_new_tokens * kc] * len(items)):
@@ -753,7 +757,7 @@ def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_token
                 if g.token_logprobs is not None:
                     own[P:] = g.token_logprobs
             tokens = np.concatenate([it["tokens"], np.asarray(g.token_ids, np.int32)])
-            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, j), tokens, own, draws)
+            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, j), tokens, own, draws, certain_exact)
             mask = np.zeros(P + G, bool)
             mask[P:] = True
             out.append({"tokens": tokens, "loss_mask": mask, "sample_index": it["row"].index, **tgt})

@@ -17,6 +17,9 @@ exact over E, unbiased over the tail for any f (every divergence's per-token ter
 The N draws are *systematic* (one uniform u, points (u + n) / N on the residual's cdf): each token's
 expected count is still N r_v (unbiased), but a token with r_v >= 1/N is drawn floor(N r_v) or
 ceil(N r_v) times, never 0, so the estimate's variance is far below i.i.d. draws' at the same bytes.
+``certain_exact``: a residual token the draws would hit whatever u (n r_v >= 1 for the n draws left)
+joins E instead, one draw fewer, largest first while that holds, >= 1 draw kept: E is fixed before u
+is drawn, so the estimate stays unbiased, and the largest residual tokens lose their count rounding.
 With vLLM the draws come from the candidates beyond E: the residual mass B outside the top-K' can
 never be drawn. It is stored per row (``beyond_logmass``) and the draws stand for R - B only; the
 trainer gives B to one "beyond" bucket (the student's mass outside the row's stored ids), so the
@@ -45,6 +48,7 @@ def draw_headtail_targets(
     head: int,
     n_draws: int,
     rng: np.random.Generator,
+    certain_exact: bool = False,
 ) -> dict[str, np.ndarray]:
     """Headtail targets for the rows of one sequence.
 
@@ -57,6 +61,9 @@ def draw_headtail_targets(
     never drawn, -inf when there is none; ``token_logprob`` is 0 where the token is in the head) and
     ``missing_mass`` [L]: that mass itself (float64, for the run's summary).
     Rows without candidates (row 0, unscored prompt rows) are all padding.
+    ``certain_exact``: residual tokens the systematic draws would hit whatever u (n * r_v >= 1 for the n
+    draws left) are stored exact instead, one draw fewer each, largest first, keeping >= 1 draw for
+    the rest (module doc).
     """
     if not 1 <= n_draws <= 255:
         raise ValueError(f"draws {n_draws}: must be in 1..255 (counts are uint8)")
@@ -88,15 +95,28 @@ def draw_headtail_targets(
         resid[:h] = False
         if len(where_tok):
             resid[where_tok[0]] = False
-        cols = np.flatnonzero(resid)
+        cols = np.flatnonzero(resid)  # still sorted descending
         p_res = np.exp(row_lp[cols])
         covered = float(p_res.sum())
         missing[r] = max(0.0, rest - covered)
-        sel_ids = [row_ids[head_cols]]
-        sel_lp = [row_lp[head_cols]]
-        sel_c = [np.zeros(len(head_cols), np.int64)]
+        n_left, n_sure = n_draws, 0
+        if certain_exact and rest > 0:
+            left = covered
+            while n_sure < len(cols) - 1 and n_left > 1 and n_left * p_res[n_sure] >= left:
+                left -= p_res[n_sure]
+                n_left -= 1
+                n_sure += 1
+        exact_cols = np.concatenate([head_cols, cols[:n_sure]])
+        if n_sure:  # the rest mass is now what lies outside the head, the data token and these
+            p_exact += float(p_res[:n_sure].sum())
+            rest = max(0.0, 1.0 - p_exact)
+            cols, p_res = cols[n_sure:], p_res[n_sure:]
+            covered = float(p_res.sum())
+        sel_ids = [row_ids[exact_cols]]
+        sel_lp = [row_lp[exact_cols]]
+        sel_c = [np.zeros(len(exact_cols), np.int64)]
         if rest > 0 and covered > 0:
-            picks = _draw_systematic(np.cumsum(p_res), n_draws, rng)
+            picks = _draw_systematic(np.cumsum(p_res), n_left, rng)
             u, c = np.unique(picks, return_counts=True)
             sel_ids.append(row_ids[cols[u]])
             sel_lp.append(row_lp[cols[u]])
