@@ -374,7 +374,7 @@ def main() -> None:
         del model
         online = how == "online"
         row = {"name": name, "seed": seed, "how": how, "machine": _machine(load=False), "kl": kl, "kl_parts": kl_parts, "bytes": None if online else st["bytes"], "steps": s["steps"], "tokens": s["tokens"],
-               "train_s": round(train_s, 1), "tokens_per_s": round(s["tokens"] / s["seconds"], 1), "store": spath.name}
+               "train_s": round(train_s, 1), "load_1min": round(os.getloadavg()[0], 1), "tokens_per_s": round(s["tokens"] / s["seconds"], 1), "store": spath.name}
         state["rows"].append(row)
         done[(name, seed)] = row
         state["context"]["wall_s"] = wall_before + time.time() - t_all
@@ -434,8 +434,9 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
         ratio = f"{m / ref:.4f}" if (m is not None and ref) else "-"
         b = "- (teacher online)" if got[0]["bytes"] is None else f"{got[0]['bytes']:.1f}"
         cells = " | ".join(f"{r['kl']:.4f}" if r else "-" for r in rs)
-        lines.append(f"| {n} | {cells} | {m:.4f} | {ratio} | {b} | {sum(r['train_s'] for r in got) / len(got):.0f} s |" if m is not None
-                     else f"| {n} | {cells} | - | - | {b} | {sum(r['train_s'] for r in got) / len(got):.0f} s |")
+        loads = [r["load_1min"] for r in got if "load_1min" in r]  # > 2 on 2 cores: something else ran beside it
+        wall = f"{sum(r['train_s'] for r in got) / len(got):.0f} s" + (f" (load up to {max(loads)})" if loads and max(loads) > 2.5 else "")
+        lines.append(f"| {n} | {cells} | {m:.4f} | {ratio} | {b} | {wall} |" if m is not None else f"| {n} | {cells} | - | - | {b} | {wall} |")
     lines.append("")
     if ht_store:
         hs = ht_store.get("headtail") or {}
@@ -464,10 +465,14 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
             kp = r["kl_parts"]
             lines.append(f"| {r['name']} | {r['seed']} | {r['kl']:.4f} | {kp['groups']:.4f} | {kp['head']:.4f} | {kp['mid']:.4f} | {kp['far']:.4f} |")
     probe_rows = [r for r in state["rows"] if r["name"] not in names]
-    if probe_rows:
-        lines += ["", "Probes (run on request, `--variants probe`): " + "; ".join(
-            f"{r['name']}, seed {r['seed']}: KL {r['kl']:.4f}" + (f" (÷ full-logit {r['kl'] / by[(ref_name, r['seed'])]['kl']:.4f})" if (ref_name, r["seed"]) in by else "")
-            + (f", {r['bytes']:.1f} B/position" if r.get("bytes") else "") for r in probe_rows) + "."]
+    if probe_rows:  # one line per probe, its seeds side by side
+        pnames = list(dict.fromkeys(r["name"] for r in probe_rows))
+        lines += ["", "Probes (run on request, `--variants probe`), held-out KL ÷ full-logit KD of the same seed:", "",
+                  "| probe | " + " | ".join(f"seed {sd}" for sd in seeds) + " | bytes/position |", "|---|" + "---|" * (len(seeds) + 1)]
+        for pn in pnames:
+            cells = [f"{by[(pn, sd)]['kl'] / by[(ref_name, sd)]['kl']:.4f}" if (pn, sd) in by and (ref_name, sd) in by else "-" for sd in seeds]
+            b = next((by[(pn, sd)].get("bytes") for sd in seeds if (pn, sd) in by), None)
+            lines.append(f"| {pn} | " + " | ".join(cells) + f" | {b:.1f} |" if b else f"| {pn} | " + " | ".join(cells) + " | - |")
     per_seed = [f"{n}: seed {sd} {by[(n, sd)]['kl'] / by[(ref_name, sd)]['kl']:.4f}" for n in names[1:] for sd in seeds if (n, sd) in by and (ref_name, sd) in by]
     if per_seed and not all(means.get(n) for n in names):
         lines.append("÷ full-logit on the seeds measured so far (one seed is not the goal's measure): " + "; ".join(per_seed) + ".")
