@@ -261,9 +261,17 @@ def main() -> None:
 
     head, draws, cands = TOP_K_DEFAULT["headtail"], CACHE_DEFAULTS["draws"], CACHE_DEFAULTS["sampled_candidates"]
     ce_default = bool(CACHE_DEFAULTS["certain_exact"])
-    ce_tag = lambda on: "_ce" if on else ""  # noqa: E731 - store keys say what the store is, not what the default was
-    ht = f"headtail_h{head}_n{draws}_c{cands}{ce_tag(ce_default)}"
-    stores = {ht: dict(top_k=head, targets="headtail", draws=draws), "k50": dict(top_k=50, targets="topk")}
+    stores: dict[str, dict] = {"k50": dict(top_k=50, targets="topk")}
+
+    def vllm_headtail(n: int = draws, k: int = cands, ce: bool = ce_default) -> str:
+        """The key of a vLLM headtail store with N draws, K' candidates and --certain-exact on or off,
+        registered with every one of those options spelled out: a key says what its store is, whatever
+        the defaults are when it is (re)built."""
+        key = f"headtail_h{head}_n{n}_c{k}" + ("_ce" if ce else "")
+        stores[key] = dict(top_k=head, targets="headtail", draws=n, sampled_candidates=k, certain_exact=ce)
+        return key
+
+    ht = vllm_headtail()
     # (name, store key, how): most important first; partial results are written after every student
     base = [("full-logit online KD", ht, "online"), (f"kdship default: headtail h={head} + {draws} draws (vLLM K'={cands}{', certain draws exact' if ce_default else ''})", ht, "bucket"),
             ("DistillKit budget scheme (k=50 poly, tail bucket)", "distillkit", "bucket")]
@@ -272,25 +280,22 @@ def main() -> None:
     variants = [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[:2]] + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[2:]]
     # probes (only when named in --variants): where the default's gap to full-logit KD comes from
     other_k = 1024 if cands != 1024 else 4096  # the far term: the default's K' against another
-    ht_flip = f"headtail_h{head}_n{draws}_c{cands}{ce_tag(not ce_default)}"
-    stores[ht_flip] = dict(top_k=head, targets="headtail", draws=draws, certain_exact=not ce_default)
     stores["ht_hf"] = dict(top_k=head, targets="headtail", draws=draws, backend="hf")
-    stores[f"headtail_h{head}_n16_c{cands}"] = dict(top_k=head, targets="headtail", draws=16)
+    stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
+    stores["k1024_hf"] = dict(top_k=1024, targets="topk", backend="hf")
+    # exact draws and 32 of them ask whether the gap to full-logit KD is the draws' noise (it shrinks with
+    # 4x the draws) or sits elsewhere (a near-exact top-1024 target would still show it)
     probes = [("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
-              (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", f"headtail_h{head}_n16_c{cands}", "bucket"),
+              (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", vllm_headtail(n=16), "bucket"),
               (f"probe: default store, beyond bucket against the student's own top-{cands} complement", ht, "bucket_far"),
               ("probe: headtail with 32 exact draws (--backend hf)", "ht_hf_n32", "bucket"),
               ("probe: top-1024 exact (--backend hf), tail bucket", "k1024_hf", "bucket"),
               ("probe: default store, plain importance-sampled draws (--draw-estimator is)", ht, "is"),
               ("probe: default store, control-variate draws (--draw-estimator cv)", ht, "cv"),
               ("probe: headtail with exact draws (--backend hf), control-variate draws", "ht_hf", "cv"),
-              (f"probe: headtail h={head} + {draws} draws (vLLM K'={other_k})", f"headtail_h{head}_n{draws}_c{other_k}", "bucket"),
-              (f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --{'no-' if ce_default else ''}certain-exact)", ht_flip, "bucket")]
-    # the last two ask whether the gap to full-logit KD is the draws' noise (it shrinks with 4x the draws)
-    # or sits elsewhere (a near-exact top-1024 target would still show it)
-    stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
-    stores[f"headtail_h{head}_n{draws}_c{other_k}"] = dict(top_k=head, targets="headtail", draws=draws, sampled_candidates=other_k)  # the far term
-    stores["k1024_hf"] = dict(top_k=1024, targets="topk", backend="hf")
+              (f"probe: headtail h={head} + {draws} draws (vLLM K'={other_k})", vllm_headtail(k=other_k), "bucket"),
+              (f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --{'no-' if ce_default else ''}certain-exact)",
+               vllm_headtail(ce=not ce_default), "bucket")]
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]
