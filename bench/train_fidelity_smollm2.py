@@ -105,7 +105,8 @@ def heldout_kl(t_lps, student, ids_list) -> tuple[float, dict]:
 
 
 def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int | None = None, backend: str = "vllm",
-                draws: int | None = None, certain_exact: bool | None = None) -> dict:
+                draws: int | None = None, certain_exact: bool | None = None, draw_logprobs: bool | None = None,
+                draw_power: float | None = None) -> dict:
     """`kdship cache` (a subprocess: the vLLM engine is gone before training starts)."""
     info_file = out.with_suffix(".info.json")
     if info_file.is_file() and out.is_dir():
@@ -119,6 +120,10 @@ def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, s
         cmd += ["--draws", str(draws)]
     if certain_exact is not None:
         cmd += ["--certain-exact" if certain_exact else "--no-certain-exact"]
+    if draw_logprobs is not None:
+        cmd += ["--draw-logprobs" if draw_logprobs else "--no-draw-logprobs"]
+    if draw_power is not None:
+        cmd += ["--draw-power", str(draw_power)]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     secs = time.time() - t0
@@ -261,14 +266,16 @@ def main() -> None:
 
     head, draws, cands = TOP_K_DEFAULT["headtail"], CACHE_DEFAULTS["draws"], CACHE_DEFAULTS["sampled_candidates"]
     ce_default = bool(CACHE_DEFAULTS["certain_exact"])
+    dl_default = bool(CACHE_DEFAULTS["draw_logprobs"])
+    pw_default = float(CACHE_DEFAULTS["draw_power"])
     stores: dict[str, dict] = {"k50": dict(top_k=50, targets="topk")}
 
-    def vllm_headtail(n: int = draws, k: int = cands, ce: bool = ce_default) -> str:
-        """The key of a vLLM headtail store with N draws, K' candidates and --certain-exact on or off,
-        registered with every one of those options spelled out: a key says what its store is, whatever
-        the defaults are when it is (re)built."""
-        key = f"headtail_h{head}_n{n}_c{k}" + ("_ce" if ce else "")
-        stores[key] = dict(top_k=head, targets="headtail", draws=n, sampled_candidates=k, certain_exact=ce)
+    def vllm_headtail(n: int = draws, k: int = cands, ce: bool = ce_default, dl: bool = dl_default, pw: float = pw_default) -> str:
+        """The key of a vLLM headtail store with N draws, K' candidates, --certain-exact and --draw-logprobs
+        on or off, registered with every one of those options spelled out: a key says what its store is,
+        whatever the defaults are when it is (re)built."""
+        key = f"headtail_h{head}_n{n}_c{k}" + ("_ce" if ce else "") + ("" if dl else "_nolp") + ("" if pw == 1.0 else f"_pw{pw:g}")
+        stores[key] = dict(top_k=head, targets="headtail", draws=n, sampled_candidates=k, certain_exact=ce, draw_logprobs=dl, draw_power=pw)
         return key
 
     ht = vllm_headtail()
@@ -296,6 +303,12 @@ def main() -> None:
               (f"probe: headtail h={head} + {draws} draws (vLLM K'={other_k})", vllm_headtail(k=other_k), "bucket"),
               (f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --{'no-' if ce_default else ''}certain-exact)",
                vllm_headtail(ce=not ce_default), "bucket")]
+    # without the draws' logprobs (fkl and CE only): the same draws train the same student (fkl's gradient
+    # needs no draw logprob), so the bytes saved buy more draws at the default's size
+    probes += [(f"probe: headtail h={head} + {n} draws (vLLM K'={cands}, --no-draw-logprobs: fkl only)", vllm_headtail(n=n, dl=False), "bucket")
+               for n in (16, 18)]
+    # draws from the residual raised to a power < 1 (flatter: more of them in the far tail), self-normalised weights
+    probes += [(f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --draw-power 0.5)", vllm_headtail(pw=0.5), "bucket")]
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]

@@ -14,7 +14,9 @@ A store is a Zarr v3 group (a local folder or an fsspec URL) documented in ``cac
         target_ids      int32 [T, H+N]  row j: the teacher's top-h ids for token j given tokens < j and
                                         the distinct ids drawn from its residual distribution, merged,
                                         ascending (-1 pad at the end)
-        target_logprobs f32   [T, H+N]  their teacher log-probabilities
+        target_logprobs f32   [T, H+N]  their teacher log-probabilities; [T, X] in a store written with
+                                        --no-draw-logprobs: the exact entries' only (count 0, in row
+                                        order, 0 pad), X = h (+ N - 1 with --certain-exact)
         target_counts   uint8 [T, H+N]  0 = exact head entry; c > 0 = drawn c of the N times
         token_logprob   f32   [T]       the teacher's logprob of the data token tokens[j] (0 when the
                                         token is in the head: its logprob is there)
@@ -214,6 +216,20 @@ def target_width(header: dict[str, Any]) -> int:
     return k
 
 
+def draw_logprobs_stored(header: dict[str, Any]) -> bool:
+    """False for a headtail store written with ``--no-draw-logprobs`` (only the exact entries' logprobs)."""
+    return (header.get("target_sampling") or {}).get("draw_logprobs", True) is not False
+
+
+def logprob_width(header: dict[str, Any]) -> int:
+    """Columns of ``target_logprobs``: the target width, or in a store without the draws' logprobs the
+    most exact entries a row can hold (h, plus N - 1 certain draws with --certain-exact)."""
+    if header.get("targets") != "headtail" or draw_logprobs_stored(header):
+        return target_width(header)
+    ts = header["target_sampling"]
+    return int(header["top_k"]) + (int(ts["draws"]) - 1 if ts.get("certain_exact") else 0)
+
+
 @dataclass
 class Shard:
     """One shard's arrays, decoded.
@@ -245,6 +261,9 @@ class Shard:
     # teacher hidden states (optional; decoded only by readers that ask for them)
     hidden_states: np.ndarray | None = None
     hidden_scales: np.ndarray | None = None
+    # [T, K+1] bool, only for a store without the draws' logprobs (after ``headtail_view``): True where
+    # ``topk_logprobs`` is the teacher's; a draw's entry there holds its weight's log instead
+    teacher_logprob_known: np.ndarray | None = None
 
     @property
     def targets(self) -> str:
@@ -274,9 +293,16 @@ class Shard:
         }
         if self.target_weights is not None:
             out["target_weights"] = self.target_weights[a:b]
+        if self.teacher_logprob_known is not None:
+            out["teacher_logprob_known"] = self.teacher_logprob_known[a:b]
         return out
 
-    def headtail_view(self) -> "Shard":
+    @property
+    def draw_logprobs(self) -> bool:
+        """False when the headtail arrays hold only the exact entries' logprobs (``--no-draw-logprobs``)."""
+        return self.target_logprobs is None or self.target_ids is None or self.target_logprobs.shape[1] == self.target_ids.shape[1]
+
+    def headtail_view(self, draw_power: float = 1.0) -> "Shard":
         """Fill topk_ids / topk_logprobs / target_weights [T, K+1] from the headtail arrays.
 
         Columns: the K stored entries, then the data token (tokens[j]) when it is outside the head.
@@ -284,19 +310,36 @@ class Shard:
         stored rest mass and B the mass beyond the backend's candidates (the draws estimate the
         candidates' share of the residual). Rows sum to 1 - B up to the encoding; the loss gives the
         missing B to one bucket (``kdship.train.losses``).
+
+        A store without the draws' logprobs (``--no-draw-logprobs``) holds the exact entries' logprobs
+        packed left; a draw's ``topk_logprobs`` is then the log of its weight (so fkl's per-entry term
+        w (log w - log q) has the gradient of w (log p - log q)) and ``teacher_logprob_known`` says
+        which entries hold the teacher's logprob.
         """
-        ids, lps, cnt = self.target_ids, self.target_logprobs.astype(np.float64), self.target_counts
+        ids, cnt = self.target_ids, self.target_counts
         T = len(ids)
         valid = ids >= 0
         exact = valid & (cnt == 0)
         drawn = valid & (cnt > 0)
+        if self.draw_logprobs:
+            lps = self.target_logprobs.astype(np.float64)
+        else:  # the k-th exact entry of a row has the row's k-th packed logprob
+            packed = self.target_logprobs.astype(np.float64)
+            slot = np.clip(np.cumsum(exact, 1) - 1, 0, max(packed.shape[1] - 1, 0))
+            lps = np.where(exact, np.take_along_axis(packed, slot, 1), 0.0) if packed.shape[1] else np.zeros(ids.shape)
         n_draws = cnt.sum(1, dtype=np.int64)
         rest = np.exp(self.rest_logmass.astype(np.float64))
         if self.beyond_logmass is not None:  # at or below the encoding's floor: nothing beyond
             bl = self.beyond_logmass.astype(np.float64)
             rest = np.maximum(rest - np.where(bl > REST_FLOOR, np.exp(bl), 0.0), 0.0)
         w = np.where(exact, np.exp(lps), 0.0)
-        w += np.where(drawn, (rest / np.maximum(n_draws, 1))[:, None] * cnt, 0.0)
+        if draw_power == 1.0:
+            w += np.where(drawn, (rest / np.maximum(n_draws, 1))[:, None] * cnt, 0.0)
+        else:  # draws from r ** a: weights count * p ** (1 - a), self-normalised to the row's R - B
+            u = np.where(drawn, cnt * np.exp((1.0 - draw_power) * lps), 0.0)  # lps >= the -32 floor: no underflow
+            w += rest[:, None] * u / np.maximum(u.sum(1, keepdims=True), 1e-300)
+        if not self.draw_logprobs:
+            lps = np.where(drawn, np.log(np.where(drawn & (w > 0), w, 1.0)), lps)
         tok = self.tokens.astype(np.int64)
         tok_in_head = (exact & (ids == tok[:, None])).any(1)
         has = valid.any(1)
@@ -307,14 +350,19 @@ class Shard:
         w_tok = np.where(tok_col, np.exp(self.token_logprob.astype(np.float64)), 0.0)
         self.target_weights = np.concatenate([w, w_tok[:, None]], 1).astype(np.float32)
         self.target_drawn = np.concatenate([drawn, np.zeros((T, 1), bool)], 1)
+        if not self.draw_logprobs:
+            self.teacher_logprob_known = ~self.target_drawn
         assert self.topk_ids.shape == (T, ids.shape[1] + 1)
         return self
 
     @classmethod
-    def build(cls, samples: list[dict[str, Any]], top_k: int, with_target_weights: bool = False, targets: str | None = None) -> "Shard":
+    def build(cls, samples: list[dict[str, Any]], top_k: int, with_target_weights: bool = False, targets: str | None = None,
+              lp_width: int | None = None) -> "Shard":
         """Concatenate per-sample dicts: tokens, loss_mask, sample_index and the target arrays of the
         kind (``targets``; default "sampled" if ``with_target_weights`` else "topk"); ``top_k`` is the
-        [T, K] arrays' width (``target_width`` of the header)."""
+        [T, K] arrays' width (``target_width`` of the header), ``lp_width`` that of ``target_logprobs``
+        (``logprob_width``; default ``top_k``)."""
+        lp_width = top_k if lp_width is None else lp_width
         kind = targets or ("sampled" if with_target_weights else "topk")
         if kind not in TARGET_KINDS:
             raise StoreError(f"unknown target kind {kind!r}; known: {', '.join(TARGET_KINDS)}")
@@ -336,13 +384,13 @@ class Shard:
             if name == "beyond_logmass" and samples and name not in samples[0]:  # nothing beyond: hf backend, tests
                 arrays[name] = np.full(len(arrays["tokens"]), -np.inf, np.float32)
                 continue
-            arrays[name] = cat(name, dtype, None if name in _ROW_ARRAYS else top_k)
+            arrays[name] = cat(name, dtype, None if name in _ROW_ARRAYS else (lp_width if name == "target_logprobs" else top_k))
         if samples and "hidden_states" in samples[0]:  # float32 [L_i, layers, D] per sample, projected
             hid = np.concatenate([np.asarray(s["hidden_states"], np.float32) for s in samples])
             arrays["hidden_states"], arrays["hidden_scales"] = quantize_hidden(hid)
         shard = cls(offsets=offsets, sample_index=np.asarray([s["sample_index"] for s in samples], dtype=np.int64), **arrays)
         shard.sample_hash = np.stack([sample_hash(shard.tokens[offsets[i] : offsets[i + 1]]) for i in range(len(samples))]) if samples else np.zeros((0, HASH_BYTES), np.uint8)
-        shard.validate(top_k)
+        shard.validate(top_k, lp_width)
         return shard
 
     def has_target(self) -> np.ndarray:
@@ -354,11 +402,11 @@ class Shard:
         """Name -> dtype of the arrays this shard writes (and its checksum covers), in order."""
         return {**BASE_ARRAY_DTYPES, **TARGET_ARRAY_DTYPES[self.targets]}
 
-    def validate(self, top_k: int) -> None:
+    def validate(self, top_k: int, lp_width: int | None = None) -> None:
         T, S = self.num_positions, self.num_samples
         expect = {"tokens": (T,), "offsets": (S + 1,), "sample_index": (S,), "sample_hash": (S, HASH_BYTES), "loss_mask": (T,)}
         for name in TARGET_ARRAY_DTYPES[self.targets]:
-            expect[name] = (T,) if name in _ROW_ARRAYS else (T, top_k)
+            expect[name] = (T,) if name in _ROW_ARRAYS else (T, lp_width if name == "target_logprobs" and lp_width is not None else top_k)
         for name, shape in expect.items():
             arr = getattr(self, name)
             if arr is None or tuple(arr.shape) != shape:
@@ -375,6 +423,17 @@ class Shard:
                 raise StoreError("headtail target_ids: padding (-1) must come after a row's ids")
             if ((np.diff(ids, axis=1) <= 0) & valid[:, 1:]).any():
                 raise StoreError("headtail target_ids: each row's ids must be distinct and ascending")
+
+
+def teacher_entries(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's stored (ids, logprobs) [L, K] where the logprob is the teacher's; id -1 / -inf elsewhere
+    (a store written with --no-draw-logprobs holds its draws' weights, not their logprobs). A row has
+    a target when any id is >= 0."""
+    ids, lps = sample["topk_ids"], sample["topk_logprobs"]
+    known = sample.get("teacher_logprob_known")
+    if known is None:
+        return ids, lps
+    return np.where(known, ids, NO_TARGET_ID).astype(ids.dtype), np.where(known, lps, -np.inf).astype(lps.dtype)
 
 
 def sample_hash(tokens: np.ndarray) -> np.ndarray:
@@ -649,6 +708,7 @@ class StoreWriter:
         header["format_version"] = FORMAT_VERSION
         header.setdefault("encoding", default_encoding(header.get("targets") or "topk", (header.get("teacher") or {}).get("vocab_size")))
         self.top_k = target_width(header)
+        self.lp_width = logprob_width(header)
         self.encoding = header["encoding"]
         fs, path = _fs(self.url)
         self._fs, self._path = fs, path.rstrip("/")
@@ -719,7 +779,7 @@ class StoreWriter:
 
     def write_shard(self, index: int, shard: Shard, rejects: list[dict[str, Any]] | None = None, extra_attrs: dict | None = None) -> None:
         """Write shard ``index`` completely, verify it, then commit it (atomically)."""
-        shard.validate(self.top_k)
+        shard.validate(self.top_k, self.lp_width)
         path = shard_path(index)
         if path in self.committed():
             raise StoreError(f"{self.url}: shard {path} is already committed")
@@ -963,7 +1023,7 @@ class StoreReader:
                     raise StoreError(f"{self.url}: shard {path} fails its {attr} (stored {want}, computed {got}); the store is corrupt")
             self._verified.add(path)
         if shard.targets == "headtail":
-            shard.headtail_view()
+            shard.headtail_view(float((self.header.get("target_sampling") or {}).get("draw_power", 1.0)))
         return shard
 
     def iter_shards(self) -> Iterator[tuple[str, Shard]]:

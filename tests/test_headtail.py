@@ -36,6 +36,15 @@ def ht_store(tmp_path_factory, tiny_teacher, corpus_dir):
     return out, summary
 
 
+@pytest.fixture(scope="module")
+def ht_lean_store(tmp_path_factory, tiny_teacher, corpus_dir):
+    """The ht_store's settings with --no-draw-logprobs."""
+    out = tmp_path_factory.mktemp("ht_lean") / "store"
+    cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False,
+          draw_logprobs=False)
+    return out
+
+
 def check_against_forward(store, teacher, head, draws, n_samples=3, candidates=None):
     """Every row of the first samples against the forward: returns the largest rest-mass error.
     ``candidates``: the backend's K' when below the vocabulary; then the stored "beyond" mass (never
@@ -155,6 +164,63 @@ def test_loader_marks_the_draws_and_both_estimators_train(ht_store, tiny_student
         assert s["steps"] == 4
         finals[est] = s["loss_last"]
     assert np.isfinite(list(finals.values())).all() and finals["is"] != finals["cv"], finals
+
+
+def test_store_without_draw_logprobs_trains_fkl_as_the_full_store(ht_store, ht_lean_store, tiny_teacher, corpus_dir, tmp_path):
+    """--no-draw-logprobs: the same draws (same ids, counts, rest, data token) as the full store, only the
+    exact entries' logprobs kept (packed, width h); the trainer's weights equal the full store's and fkl's
+    gradient too (it needs no draw logprob), while rkl and the cv estimator refuse the store by name;
+    consumers of teacher logprobs see the draws masked; inspect says so; resuming with the option flipped
+    is refused."""
+    from kdship.cache.run import CacheError
+    from kdship.store import teacher_entries
+    from kdship.train.trainer import TrainError, train
+
+    full, lean = ht_store[0], ht_lean_store
+    args = dict(backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
+    rl, rf = StoreReader(str(lean)), StoreReader(str(full))
+    assert rl.header["target_sampling"]["draw_logprobs"] is False and "draw_logprobs" not in rf.header["target_sampling"]
+    assert rl.shard_paths == rf.shard_paths
+    for path in rl.shard_paths:
+        a, b = rl.read_shard(path), rf.read_shard(path)
+        for name in ("target_ids", "target_counts", "token_logprob", "rest_logmass", "beyond_logmass"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        exact = (b.target_ids >= 0) & (b.target_counts == 0)
+        assert a.target_logprobs.shape == (len(a.tokens), 4) and not a.draw_logprobs and b.draw_logprobs
+        for row in np.flatnonzero(exact.any(1)):  # the k-th exact entry's logprob in column k
+            np.testing.assert_array_equal(a.target_logprobs[row, : exact[row].sum()], b.target_logprobs[row][exact[row]])
+        np.testing.assert_array_equal(a.target_weights, b.target_weights)
+        np.testing.assert_array_equal(a.teacher_logprob_known, ~b.target_drawn)
+        known = a.teacher_logprob_known
+        np.testing.assert_array_equal(a.topk_logprobs[known], b.topk_logprobs[known])
+        ids, lps = teacher_entries(a.sample(0))
+        n = len(ids)
+        assert (ids[~known[:n]] == -1).all() and np.isneginf(lps[~known[:n]]).all()
+        np.testing.assert_array_equal(ids[known[:n]], a.sample(0)["topk_ids"][known[:n]])
+    # fkl's value differs (a draw's logprob is its weight's log), its gradient does not
+    sh_l, sh_f = rl.read_shard(rl.shard_paths[0]), rf.read_shard(rf.shard_paths[0])
+    rows = np.flatnonzero(sh_f.has_target())
+    ids = torch.as_tensor(sh_f.topk_ids[rows]).long()
+    z = torch.randn(len(rows), int(ids.max()) + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for sh in (sh_l, sh_f):
+        zz = z.clone().requires_grad_(True)
+        s_lp = torch.log_softmax(zz, -1).gather(1, ids.clamp(min=0))
+        t_lp = torch.as_tensor(sh.topk_logprobs[rows]).double()
+        est = kd_row_losses(LossConfig(kind="fkl"), s_lp, t_lp, (ids >= 0) & torch.isfinite(t_lp), target_weights=torch.as_tensor(sh.target_weights[rows]).double())
+        est.sum().backward()
+        grads.append(zz.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    for bad, match in ((dict(loss="rkl"), "--no-draw-logprobs"), (dict(draw_estimator="cv"), "--draw-estimator cv")):
+        with pytest.raises(TrainError, match=match):
+            train(str(lean), student=str(tiny_teacher), out=str(tmp_path / "t"), max_steps=1, progress=False, **bad)
+    info = inspect_store(str(lean))
+    assert info["headtail"]["draw_logprobs"] is False and "not stored" in format_report(info)
+    assert info["bytes_per_position_by_array"]["target_logprobs"] < inspect_store(str(full))["bytes_per_position_by_array"]["target_logprobs"]
+    with pytest.raises(CacheError, match="target_sampling"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(lean), draw_logprobs=True, **args)
+    with pytest.raises(CacheError, match="--no-draw-logprobs"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(tmp_path / "x"), targets="topk", draw_logprobs=False, **{k: v for k, v in args.items() if k != "draws"})
 
 
 def test_inspect_reports_headtail(ht_store):
@@ -381,15 +447,16 @@ def test_headtail_estimate_is_unbiased_monte_carlo(kind, estimator):
     assert (vals.std(0) > 0.01 * exact.detach().abs()).all()
 
 
-def test_format_md_example_reads_a_headtail_store_without_kdship(ht_store, tmp_path, run_isolated):
-    """cache/FORMAT.md's reading example on a headtail store, zarr and numpy only: the weights it
-    computes plus the data token's equal the trainer's view."""
+@pytest.mark.parametrize("lean", [False, True], ids=["full", "no-draw-logprobs"])
+def test_format_md_example_reads_a_headtail_store_without_kdship(lean, ht_store, ht_lean_store, tmp_path, run_isolated):
+    """cache/FORMAT.md's reading example on a headtail store (also one without the draws' logprobs),
+    zarr and numpy only: the weights it computes plus the data token's equal the trainer's view."""
     import re
     from pathlib import Path
 
     md = (Path(__file__).resolve().parents[1] / "cache" / "FORMAT.md").read_text()
     code = re.search(r"## Reading a store without kdship\s+```python\n(.*?)```", md, re.S).group(1)
-    out, _ = ht_store
+    out = ht_lean_store if lean else ht_store[0]
     code = code.replace("cache/mystore.zarr", str(out)) + "\nprint(ids.shape[1], float(np.nansum(w[1:]).round(3)))\n"
     res = run_isolated(code, tmp_path)
     assert res.returncode == 0, res.stderr
@@ -472,6 +539,77 @@ def test_certain_exact_draws_are_unbiased_and_less_noisy(scale):
         spread[ce] = est.std()
         assert (max(n_exact) > head) == ce  # the case that makes the comparison bite
     assert spread[True] < 0.8 * spread[False], spread
+
+
+def test_certain_exact_rows_without_draw_logprobs_read_as_the_full_rows():
+    """--certain-exact with --no-draw-logprobs: a row may hold up to h + N - 1 exact entries, so the
+    packed logprobs are that wide; the reader puts each back on its entry, and the trainer's weights
+    equal those of the same draws with every logprob stored."""
+    V, head, draws, K = 200, 4, 8, 120
+    t = torch.log_softmax(torch.randn(V, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 6.0, -1).numpy()
+    order = np.argsort(-t)
+    ids = np.concatenate([np.full((1, K), -1), order[None, :K]]).astype(np.int32)
+    lps = np.concatenate([np.full((1, K), -np.inf), t[order[:K]][None]])
+    toks, tok_lp = np.array([0, int(order[30])]), np.array([np.nan, t[order[30]]])
+    views = {}
+    for keep in (True, False):
+        out = draw_headtail_targets(ids, lps, toks, tok_lp, head, draws, np.random.default_rng(0), certain_exact=True, draw_logprobs=keep)
+        assert out["target_logprobs"].shape[1] == (head + draws if keep else head + draws - 1)
+        views[keep] = Shard(tokens=toks.astype(np.int32), offsets=np.array([0, 2]), sample_index=np.array([0]), loss_mask=np.array([False, True]),
+                            **{k: v for k, v in out.items() if k != "missing_mass"}).headtail_view()
+    full, lean = views[True], views[False]
+    exact = (full.target_ids >= 0) & (full.target_counts == 0)
+    assert exact[1].sum() > head  # certain draws were promoted: the packing is wider than the head
+    np.testing.assert_array_equal(lean.target_weights, full.target_weights)
+    known = lean.teacher_logprob_known
+    np.testing.assert_array_equal(lean.topk_logprobs[known], full.topk_logprobs[known])
+    assert full.teacher_logprob_known is None
+
+
+def test_draw_power_weights_are_consistent_and_its_store_says_so(tmp_path, tiny_teacher, corpus_dir):
+    """--draw-power a < 1 (experimental): draws from r ** a, weights count * p ** (1 - a) normalised to the
+    row's R - B. Self-normalised, so biased by O(1/N): the Monte Carlo mean of sum_v w_v f(v) nears the
+    truth as N grows (its error at N = 64 is a fraction of that at N = 4) and the far tail gets more
+    draws than with a = 1. The header records the power; resuming with another is refused, and so is
+    the option without the draws' logprobs."""
+    from kdship.cache.run import CacheError
+
+    V, head, K, M = 400, 4, 300, 600
+    t = torch.log_softmax(torch.randn(V, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 2.5, -1).numpy()
+    order = np.argsort(-t)
+    ids = np.concatenate([np.full((1, K), -1), order[None, :K]]).astype(np.int32)
+    lps = np.concatenate([np.full((1, K), -np.inf), t[order[:K]][None]])
+    toks, tok_lp = np.array([0, int(order[0])]), np.array([np.nan, np.nan])
+    f = np.random.default_rng(2).normal(size=V) + np.where(np.arange(V) == 0, 0, -t)  # a tail-heavy quantity
+    resid = order[head:K]
+    truth = float((np.exp(t[resid]) * f[resid]).sum())
+    err, far = {}, {}
+    for power, n in ((0.5, 4), (0.5, 64), (1.0, 4)):
+        est, far_draws = [], 0
+        for m in range(M):
+            out = draw_headtail_targets(ids, lps, toks, tok_lp, head, n, np.random.default_rng(m), draw_power=power)
+            sh = Shard(tokens=toks.astype(np.int32), offsets=np.array([0, 2]), sample_index=np.array([0]), loss_mask=np.array([False, True]),
+                       **{k: v for k, v in out.items() if k != "missing_mass"}).headtail_view(power)
+            i, w, c = sh.topk_ids[1], sh.target_weights[1].astype(np.float64), sh.target_drawn[1]
+            est.append(float((w[c] * f[i[c]]).sum()))
+            far_draws += int(sh.target_counts[1][np.isin(sh.target_ids[1], order[100:K])].sum())
+        err[(power, n)] = abs(np.mean(est) - truth)
+        far[(power, n)] = far_draws / M
+    assert err[(0.5, 64)] < 0.5 * err[(0.5, 4)], err
+    assert far[(0.5, 4)] > 1.2 * far[(1.0, 4)], far
+    out = tmp_path / "pw"
+    args = dict(backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
+    assert cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), draw_power=0.5, **args)["complete"]
+    r = StoreReader(str(out))
+    assert r.header["target_sampling"]["draw_power"] == 0.5
+    sh = r.read_shard(r.shard_paths[0])
+    beyond = np.where(sh.beyond_logmass > -16, np.exp(sh.beyond_logmass.astype(np.float64)), 0.0)
+    has = sh.has_target()
+    np.testing.assert_allclose(sh.target_weights[has].astype(np.float64).sum(1) + beyond[has], 1.0, atol=2e-3)
+    with pytest.raises(CacheError, match="target_sampling"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), draw_power=0.7, **args)
+    with pytest.raises(CacheError, match="--draw-power"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(tmp_path / "x"), draw_power=0.5, draw_logprobs=False, **args)
 
 
 def _truncate(t, tokens, head, n_cands):

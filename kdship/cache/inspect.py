@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from kdship.store import HIDDEN_ARRAY_DTYPES, PROJECTION_GROUP, REST_FLOOR, StoreReader, _fs
+from kdship.store import HIDDEN_ARRAY_DTYPES, PROJECTION_GROUP, REST_FLOOR, StoreReader, _fs, draw_logprobs_stored
 
 # Below this many positions per shard a reader's fixed per-shard cost (~12 ms of zarr CPU) dominates
 # decoding: the trainer's loader then runs at a fraction of its rate (bench/RESULTS.md, train).
@@ -67,6 +67,8 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
         targeted += int(sel.sum())
         if sel.any():
             lp = shard.topk_logprobs[sel].astype(np.float64)
+            if shard.teacher_logprob_known is not None:  # no draws' logprobs: the mass of the exact entries
+                lp = np.where(shard.teacher_logprob_known[sel], lp, -np.inf)
             mass_sum += float(np.exp(lp).sum(axis=1).sum())
             valid_k_sum += int((shard.topk_ids[sel] >= 0).sum())
     nbytes = _store_bytes(url)
@@ -83,6 +85,7 @@ def inspect_store(url: str, verify: bool = True) -> dict[str, Any]:
             "head": (h.get("target_sampling") or {}).get("head"),
             "draws": (h.get("target_sampling") or {}).get("draws"),
             "certain_exact": bool((h.get("target_sampling") or {}).get("certain_exact")),
+            "draw_logprobs": draw_logprobs_stored(h),
             "mean_exact_mass": round(ht["exact_mass"] / targeted, 4),
             "mean_rest_mass": round(ht["rest_mass"] / targeted, 4),
             "mean_beyond_mass": round(ht["beyond_mass"] / targeted, 4),
@@ -166,7 +169,8 @@ def format_report(info: dict[str, Any]) -> str:
             f"headtail         exact mass {ht['mean_exact_mass']} (head{', draws certain to be hit' if ht.get('certain_exact') else ''} and data token; "
             f"{ht.get('mean_exact_entries')} stored exact entries per row), rest mass {ht['mean_rest_mass']} "
             f"estimated by {ht['mean_distinct_draws']} distinct of {ht['draws']} draws, {ht['mean_beyond_mass']} of it beyond the "
-            f"backend's candidates (never drawn: one bucket); max |sum of weights + beyond - 1| {ht['max_weight_sum_error']}",
+            f"backend's candidates (never drawn: one bucket); max |sum of weights + beyond - 1| {ht['max_weight_sum_error']}"
+            + ("" if ht.get("draw_logprobs", True) else "; the draws' logprobs are not stored (--no-draw-logprobs): trains fkl and CE only"),
         )
     hs = info.get("hidden_states")
     if hs:

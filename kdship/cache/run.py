@@ -17,12 +17,13 @@ Targets (``--targets``, see ``kdship/cache/targets.py`` and cache/FORMAT.md):
 * ``headtail`` (default): the exact top-h head (h = ``--top-k``, default 4), the data token's own
   logprob, the exact rest mass beyond them, and ``--draws`` N (default 8) tokens drawn from the
   teacher's residual distribution beyond the head: an unbiased estimate of the whole distribution in
-  ~47 bytes per position with SmolLM2 (bench/train_fidelity_smollm2.py).
+  ~47 bytes per position with SmolLM2 (bench/train_fidelity_smollm2.py). ``--no-draw-logprobs`` keeps
+  only the exact entries' logprobs: a store for fkl (and CE) only, ~19 B per position less at 16 draws.
 * ``topk``: the top-k ids and logprobs (k = ``--top-k``, default 32); the tail is one bucket or dropped.
 * ``sampled`` (random-sampling KD, arXiv:2503.16870): N = top_k draws from the whole distribution.
 
 Draws are exact with ``--backend hf`` (the full softmax); with vLLM they come from the top-K'
-candidates (``--sampled-candidates``, default 1024), so the residual mass beyond the top-K' is never
+candidates (``--sampled-candidates``, default 4096), so the residual mass beyond the top-K' is never
 drawn: headtail stores it per row (``beyond_logmass``, the trainer's "beyond" bucket), the run's
 summary reports its mean (``missing_mass``) and the header records K'.
 """
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from kdship.config import signature_defaults
-from kdship.cache.targets import draw_headtail_targets, draw_sampled_targets
+from kdship.cache.targets import TargetSpec, draw_headtail_targets, draw_sampled_targets
 from kdship.data import DataError, Row, data_fingerprint, read_rows
 from kdship.store import Shard, StoreHeader, StoreWriter, shard_path
 
@@ -97,6 +98,8 @@ def cache(
     targets: str | None = None,
     draws: int = 8,
     certain_exact: bool = False,
+    draw_logprobs: bool = True,
+    draw_power: float = 1.0,
     samples: int = 1,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -180,6 +183,8 @@ class _Options:
     targets: str | None
     draws: int
     certain_exact: bool
+    draw_logprobs: bool
+    draw_power: float
     samples: int
     temperature: float
     top_p: float
@@ -249,6 +254,10 @@ def _check_options(o: _Options) -> None:
         raise CacheError(f"--top-k {o.top_k}: must be >= 1")
     if o.targets == "headtail" and not 1 <= o.draws <= 255:
         raise CacheError(f"--draws {o.draws}: must be in 1..255")
+    if not o.draw_logprobs and o.targets != "headtail":
+        raise CacheError(f"--no-draw-logprobs applies to --targets headtail (got {o.targets})")
+    if o.draw_power != 1.0 and (o.targets != "headtail" or not 0.0 < o.draw_power <= 1.0 or not o.draw_logprobs):
+        raise CacheError(f"--draw-power {o.draw_power}: applies to --targets headtail with the draws' logprobs (their weights need p), in (0, 1]")
     if o.samples < 1:
         raise CacheError(f"--samples {o.samples}: must be >= 1")
     if o.samples > 1 and o.mode != "generate":
@@ -381,7 +390,7 @@ def _store_header(o: _Options, t: _Teacher, n_records: int, n_total_shards: int)
         mode=o.mode,
         top_k=None if o.backend == "openai" else o.top_k,  # an HTTP teacher's cap decides, once it answers
         targets=o.targets,
-        target_sampling=_target_sampling(o.targets, o.top_k, o.draws, o.backend, o.sampled_candidates, o.seed, o.certain_exact),
+        target_sampling=_target_sampling(_target_spec(o, o.top_k), o.backend, o.sampled_candidates, o.seed),
         teacher=t.fingerprint,
         sampling=(
             {"samples": o.samples, "temperature": o.temperature, "top_p": o.top_p, "max_new_tokens": o.max_new_tokens, "seed": o.seed}
@@ -449,6 +458,7 @@ def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backe
     reject_counts: dict[str, int] = {}
     filter_fn = _load_filter() if o.mode == "generate" and o.generation_filters else None
     bar = _Progress(len(todo), enabled=o.progress, label=f"kdship cache {o.mode} -> {o.out}")
+    spec = _target_spec(o, k_store)
     try:
         for s in todo:
             lo, hi = shard_bounds[s]
@@ -459,11 +469,11 @@ def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backe
             if shard_items:
                 be = backend_ref.get()
                 if o.mode == "score":
-                    samples_out = _score_items(be, shard_items, k_store, o.targets, o.sampled_candidates, o.seed, t.vocab, o.draws, o.certain_exact)
+                    samples_out = _score_items(be, shard_items, spec, o.sampled_candidates, o.seed, t.vocab)
                 else:
                     samples_out, frej = _generate_items(
-                        be, shard_items, k_store, o.samples, o.temperature, o.top_p, o.max_new_tokens, o.seed, o.targets, o.sampled_candidates, t.vocab, t.tok,
-                        filter_fn, o.filter, o.min_new_tokens, o.max_response_tokens, o.dedupe, o.require_finished, o.draws, o.certain_exact,
+                        be, shard_items, spec, o.samples, o.temperature, o.top_p, o.max_new_tokens, o.seed, o.sampled_candidates, t.vocab, t.tok,
+                        filter_fn, o.filter, o.min_new_tokens, o.max_response_tokens, o.dedupe, o.require_finished,
                     )
                     shard_rejects += frej
                 if projection is not None:
@@ -471,7 +481,7 @@ def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backe
 
                     attach_hidden_states(be, samples_out, projection)
             stats["teacher_seconds"] += time.time() - t0
-            shard = Shard.build(samples_out, writer.top_k, targets=o.targets)
+            shard = Shard.build(samples_out, writer.top_k, targets=o.targets, lp_width=writer.lp_width)
             writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})
             _exit_after_first_commit_for_tests(s)
             stats["samples"] += shard.num_samples
@@ -650,39 +660,49 @@ def _load_filter():
     return filter_generations
 
 
-def _target_sampling(targets, top_k, draws, backend, sampled_candidates, seed, certain_exact=False):
+def _target_spec(o: _Options, top_k: int) -> TargetSpec:
+    """The target options of ``o`` as one object, with the k the store holds (an HTTP teacher may cap it)."""
+    return TargetSpec(o.targets, int(top_k), int(o.draws), bool(o.certain_exact), bool(o.draw_logprobs), float(o.draw_power))
+
+
+def _target_sampling(spec: TargetSpec, backend, sampled_candidates, seed):
     """The header's record of how sparse targets were drawn (None for topk)."""
-    if targets == "topk":
+    if spec.kind == "topk":
         return None
-    spec = {"draws": int(draws) if targets == "headtail" else int(top_k),
-            "candidates": "full-vocabulary" if backend == "hf" else int(sampled_candidates), "exact": backend == "hf", "seed": seed}
-    if targets == "headtail":
-        spec["head"] = int(top_k)
-        if certain_exact:  # recorded only when on: stores written before the option resume as before
-            spec["certain_exact"] = True
-    return spec
+    out = {"draws": spec.draws if spec.kind == "headtail" else spec.top_k,
+           "candidates": "full-vocabulary" if backend == "hf" else int(sampled_candidates), "exact": backend == "hf", "seed": seed}
+    if spec.kind == "headtail":
+        out["head"] = spec.top_k
+        # each recorded only when it differs from the first default: stores written before the option resume as before
+        if spec.certain_exact:
+            out["certain_exact"] = True
+        if not spec.draw_logprobs:
+            out["draw_logprobs"] = False
+        if spec.draw_power != 1.0:
+            out["draw_power"] = spec.draw_power
+    return out
 
 
-def _targets_for(ids, lps, top_k, targets, rng, tokens=None, token_lp=None, draws=8, certain_exact=False) -> dict[str, Any]:
+def _targets_for(ids, lps, spec: TargetSpec, rng, tokens=None, token_lp=None) -> dict[str, Any]:
     """One sequence's target arrays (the sample dict's target keys) from its candidate rows."""
-    if targets == "topk":
-        return {"topk_ids": ids[:, :top_k], "topk_logprobs": lps[:, :top_k]}
-    if targets == "sampled":
-        ti, tl, tw = draw_sampled_targets(ids, lps, top_k, rng)
+    if spec.kind == "topk":
+        return {"topk_ids": ids[:, :spec.top_k], "topk_logprobs": lps[:, :spec.top_k]}
+    if spec.kind == "sampled":
+        ti, tl, tw = draw_sampled_targets(ids, lps, spec.top_k, rng)
         return {"topk_ids": ti, "topk_logprobs": tl, "target_weights": tw}
     if token_lp is None:
         token_lp = np.full(len(tokens), np.nan, np.float32)
-    out = draw_headtail_targets(ids, lps, tokens, token_lp, top_k, draws, rng, certain_exact)
+    out = draw_headtail_targets(ids, lps, tokens, token_lp, spec.top_k, spec.draws, rng, spec.certain_exact, spec.draw_logprobs, spec.draw_power)
     out["_missing_mass"] = float(out.pop("missing_mass").sum())
     return out
 
 
-def _candidates_k(be, top_k, targets, sampled_candidates, vocab) -> int:
-    if targets == "topk":
-        return top_k
+def _candidates_k(be, spec: TargetSpec, sampled_candidates, vocab) -> int:
+    if spec.kind == "topk":
+        return spec.top_k
     if be.name == "hf":
         return vocab  # the full distribution: exact sampling
-    return max(top_k + 1, min(int(sampled_candidates), vocab))
+    return max(spec.top_k + 1, min(int(sampled_candidates), vocab))
 
 
 def _sample_rng(seed: int, row: int, sample: int) -> np.random.Generator:
@@ -707,22 +727,22 @@ def _bounded_groups(items: list, entries: list[int]):
         yield group
 
 
-def _score_items(be, items, top_k, targets, sampled_candidates, seed, vocab, draws=8, certain_exact=False):
-    kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
-    own = targets == "headtail"
+def _score_items(be, items, spec: TargetSpec, sampled_candidates, seed, vocab):
+    kc = _candidates_k(be, spec, sampled_candidates, vocab)
+    own = spec.kind == "headtail"
     out = []
     for chunk in _bounded_groups(items, [len(it["tokens"]) * kc for it in items]):
         res = be.score([it["tokens"].tolist() for it in chunk], kc, **({"with_token_logprobs": True} if own else {}))
         for it, r in zip(chunk, res):
             ids, lps = r[0], r[1]
-            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, 0), it["tokens"], r[2] if own else None, draws, certain_exact)
+            tgt = _targets_for(ids, lps, spec, _sample_rng(seed, it["row"].index, 0), it["tokens"], r[2] if own else None)
             out.append({"tokens": it["tokens"], "loss_mask": it["mask"], "sample_index": it["row"].index, **tgt})
     return out
 
 
-def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_tokens, seed, targets, sampled_candidates, vocab, tok,
-                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished, draws=8, certain_exact=False):
-    kc = _candidates_k(be, top_k, targets, sampled_candidates, vocab)
+def _generate_items(be, items, spec: TargetSpec, samples, temperature, top_p, max_new_tokens, seed, sampled_candidates, vocab, tok,
+                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished):
+    kc = _candidates_k(be, spec, sampled_candidates, vocab)
     gens = []
     for chunk in _bounded_groups(items, [samples * max_new_tokens * kc] * len(items)):
         prompts = [it["tokens"].tolist() for it in chunk]
@@ -757,7 +777,7 @@ def _generate_items(be, items, top_k, samples, temperature, top_p, max_new_token
                 if g.token_logprobs is not None:
                     own[P:] = g.token_logprobs
             tokens = np.concatenate([it["tokens"], np.asarray(g.token_ids, np.int32)])
-            tgt = _targets_for(ids, lps, top_k, targets, _sample_rng(seed, it["row"].index, j), tokens, own, draws, certain_exact)
+            tgt = _targets_for(ids, lps, spec, _sample_rng(seed, it["row"].index, j), tokens, own)
             mask = np.zeros(P + G, bool)
             mask[P:] = True
             out.append({"tokens": tokens, "loss_mask": mask, "sample_index": it["row"].index, **tgt})

@@ -25,12 +25,33 @@ never be drawn. It is stored per row (``beyond_logmass``) and the draws stand fo
 trainer gives B to one "beyond" bucket (the student's mass outside the row's stored ids), so the
 student is not taught that the far tail is empty (``kdship cache`` reports B's mean).
 
+``draw_logprobs=False`` (``--no-draw-logprobs``): only the exact entries' logprobs are kept, packed
+left in row order. fkl's gradient needs none of the draws' (its estimate is (R/N) sum_n -grad log q(x_n)),
+so a store for fkl (and CE) spends those bytes on more draws; every other divergence needs p at the
+draws and refuses such a store.
+
 sampled (v1, arXiv:2503.16870): N draws from the whole (candidate) distribution, weights count/N.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What each row of a store holds: the kind, k (headtail: the exact head h; topk: k; sampled: the
+    draws) and headtail's draw options (``kdship cache --draws / --certain-exact / --draw-logprobs /
+    --draw-power``)."""
+
+    kind: str
+    top_k: int
+    draws: int = 8
+    certain_exact: bool = False
+    draw_logprobs: bool = True
+    draw_power: float = 1.0
 
 
 def _draw_systematic(cdf: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -49,6 +70,8 @@ def draw_headtail_targets(
     n_draws: int,
     rng: np.random.Generator,
     certain_exact: bool = False,
+    draw_logprobs: bool = True,
+    draw_power: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Headtail targets for the rows of one sequence.
 
@@ -64,6 +87,11 @@ def draw_headtail_targets(
     ``certain_exact``: residual tokens the systematic draws would hit whatever u (n * r_v >= 1 for the n
     draws left) are stored exact instead, one draw fewer each, largest first, keeping >= 1 draw for
     the rest (module doc).
+    ``draw_logprobs=False``: ``target_logprobs`` is [L, head] (+ n_draws - 1 with ``certain_exact``) and
+    holds the exact entries' logprobs only, in their row order, 0 padding.
+    ``draw_power`` a != 1: the draws come from g_v proportional to r_v ** a instead of r (a < 1: flatter,
+    more of them in the far tail); the reader weighs a draw by count * p ** (1 - a), normalised to the
+    row's R - B (self-normalised importance sampling: consistent, biased by O(1/N); experimental).
     """
     if not 1 <= n_draws <= 255:
         raise ValueError(f"draws {n_draws}: must be in 1..255 (counts are uint8)")
@@ -99,24 +127,25 @@ def draw_headtail_targets(
         p_res = np.exp(row_lp[cols])
         covered = float(p_res.sum())
         missing[r] = max(0.0, rest - covered)
+        g_res = p_res if draw_power == 1.0 else np.exp(draw_power * row_lp[cols])  # the proposal, unnormalised
         n_left, n_sure = n_draws, 0
         if certain_exact and rest > 0:
-            left = covered
-            while n_sure < len(cols) - 1 and n_left > 1 and n_left * p_res[n_sure] >= left:
-                left -= p_res[n_sure]
+            left = float(g_res.sum())
+            while n_sure < len(cols) - 1 and n_left > 1 and n_left * g_res[n_sure] >= left:
+                left -= g_res[n_sure]
                 n_left -= 1
                 n_sure += 1
         exact_cols = np.concatenate([head_cols, cols[:n_sure]])
         if n_sure:  # the rest mass is now what lies outside the head, the data token and these
             p_exact += float(p_res[:n_sure].sum())
             rest = max(0.0, 1.0 - p_exact)
-            cols, p_res = cols[n_sure:], p_res[n_sure:]
+            cols, p_res, g_res = cols[n_sure:], p_res[n_sure:], g_res[n_sure:]
             covered = float(p_res.sum())
         sel_ids = [row_ids[exact_cols]]
         sel_lp = [row_lp[exact_cols]]
         sel_c = [np.zeros(len(exact_cols), np.int64)]
         if rest > 0 and covered > 0:
-            picks = _draw_systematic(np.cumsum(p_res), n_left, rng)
+            picks = _draw_systematic(np.cumsum(g_res), n_left, rng)
             u, c = np.unique(picks, return_counts=True)
             sel_ids.append(row_ids[cols[u]])
             sel_lp.append(row_lp[cols[u]])
@@ -127,9 +156,15 @@ def draw_headtail_targets(
         out_i[r, :m] = all_ids[order]
         out_l[r, :m] = np.concatenate(sel_lp)[order]
         out_c[r, :m] = np.concatenate(sel_c)[order]
+        if not draw_logprobs:  # the exact entries' logprobs, in their (ascending id) order
+            kept = out_l[r, :m][out_c[r, :m] == 0].copy()
+            out_l[r] = 0.0
+            out_l[r, : len(kept)] = kept
         out_tok[r] = 0.0 if tok_in_head else tok_lp  # in the head: its logprob is stored there
         out_rest[r] = np.log(rest) if rest > 0 else -np.inf
         out_beyond[r] = np.log(missing[r]) if missing[r] > 0 else -np.inf
+    if not draw_logprobs:
+        out_l = np.ascontiguousarray(out_l[:, : head + (n_draws - 1 if certain_exact else 0)])
     return {"target_ids": out_i, "target_logprobs": out_l, "target_counts": out_c, "token_logprob": out_tok, "rest_logmass": out_rest,
             "beyond_logmass": out_beyond, "missing_mass": missing}
 

@@ -323,6 +323,8 @@ def _run_lm(loaded: dict, items: list[Item], batch_size: int, live_teacher, stor
     NLL_i = -sum_{j in scored(i)} log q(x_j | x_<j); KL per scored token: live teacher = full-vocabulary
     KL(p || q); store = ``metrics.topk_kl`` on the stored top-k rows.
     """
+    from kdship.store import teacher_entries
+
     out: dict[str, list[dict]] = {n: [] for n in loaded}
     teacher_key = _tok_key(live_teacher) if live_teacher is not None else None
     for name, model in loaded.items():
@@ -356,8 +358,9 @@ def _run_lm(loaded: dict, items: list[Item], batch_size: int, live_teacher, stor
                     if s is None:
                         rec["kl_unmatched"] = True
                     else:
-                        ids, lps = s["topk_ids"][pos], s["topk_logprobs"][pos]
-                        valid = ids[:, 0] >= 0
+                        ids, lps = teacher_entries(s)
+                        ids, lps = ids[pos], lps[pos]
+                        valid = (ids >= 0).any(1)
                         if valid.any():
                             if int(ids[valid].max()) >= rows[i].shape[1]:
                                 raise EvalError(f"{store_index.url}: teacher ids beyond model {name}'s vocabulary ({rows[i].shape[1]})")

@@ -215,7 +215,7 @@ def heldout_rows(store: str, max_positions: int, max_len: int, heldout_fraction:
     """Held-out samples (as ``kdship train`` picks them) with their scored rows, up to ``max_positions``
     rows in all. If the hash rule selects none (a tiny store), the last sample is used and the report
     says so via ``heldout_rule``."""
-    from kdship.store import StoreReader
+    from kdship.store import StoreReader, teacher_entries
     from kdship.heldout import heldout_mask
 
     reader = StoreReader(store)
@@ -226,11 +226,12 @@ def heldout_rows(store: str, max_positions: int, max_len: int, heldout_fraction:
         for i in range(shard.num_samples):
             s = shard.sample(i)
             toks = s["tokens"][:max_len]
-            rows = np.nonzero(s["loss_mask"][:max_len] & (s["topk_ids"][:max_len, 0] >= 0))[0]
+            ids, lps = teacher_entries(s)
+            rows = np.nonzero(s["loss_mask"][:max_len] & (ids[:max_len] >= 0).any(1))[0]
             rows = rows[rows >= 1]
             if not len(rows):
                 continue
-            item = {"tokens": toks.astype(np.int64), "rows": rows, "ids": s["topk_ids"][rows], "lps": s["topk_logprobs"][rows]}
+            item = {"tokens": toks.astype(np.int64), "rows": rows, "ids": ids[rows], "lps": lps[rows]}
             if held[i]:
                 picked.append(item)
                 n_rows += len(rows)

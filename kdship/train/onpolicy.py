@@ -69,6 +69,9 @@ def _score_command(teacher: str, gens: Path, store: Path, header: dict[str, Any]
     ts = header.get("target_sampling") or {}
     if header["targets"] == "headtail" and "draws" in ts:
         cmd += ["--draws", str(ts["draws"])]
+        # the round store holds what the original holds (the trainer's checks, e.g. fkl only without draw logprobs, hold for both)
+        cmd += ["--certain-exact" if ts.get("certain_exact") else "--no-certain-exact"]
+        cmd += ["--no-draw-logprobs" if ts.get("draw_logprobs") is False else "--draw-logprobs"]
     if backend == "vllm" and isinstance(ts.get("candidates"), int):
         cmd += ["--sampled-candidates", str(ts["candidates"])]
     return cmd

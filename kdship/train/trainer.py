@@ -620,7 +620,9 @@ def train(store: str, student: str | None = None, out: str = DEFAULT_OUT, config
     header = StoreReader(store, verify=False).header
     _check_store_settings(header, cfg, str(store))
     for extra in cfg["mix_stores"] or []:
-        check_same_teacher(header, StoreReader(extra, verify=False).header, str(store), str(extra))
+        extra_header = StoreReader(extra, verify=False).header
+        check_same_teacher(header, extra_header, str(store), str(extra))
+        _check_draw_logprobs(extra_header, cfg, str(extra))
     run = _Run(cfg=cfg, store=str(store), out_dir=Path(out), dist=_Dist(bool(cfg["fsdp"])))
     run.autocast_dtype = autocast_dtype(cfg["precision"], run.dist.device.type)
     _setup_model(run, header)
@@ -741,6 +743,21 @@ def _check_store_settings(header: dict[str, Any], cfg: dict[str, Any], store: st
         log.info("generate store: KD on the teacher's own samples (use --loss sft for plain sequence-level KD)")
     if weighted and cfg["temperature"] != 1.0 and not cfg["online_teacher"]:
         raise TrainError(f"--temperature: a {header.get('targets')}-targets store was drawn at temperature 1; use --temperature 1")
+    _check_draw_logprobs(header, cfg, store)
+
+
+def _check_draw_logprobs(header: dict[str, Any], cfg: dict[str, Any], store: str) -> None:
+    """A headtail store without the draws' logprobs trains fkl and CE only: their gradients need none."""
+    from kdship.store import draw_logprobs_stored
+
+    if header.get("targets") != "headtail" or draw_logprobs_stored(header) or cfg["online_teacher"]:
+        return
+    if cfg["loss"] not in ("fkl", "sft") and float(cfg["ce_weight"]) < 1.0:
+        raise TrainError(f"--loss {cfg['loss']}: the store {store} was written with --no-draw-logprobs (target_sampling.draw_logprobs: false), "
+                         "so it has no teacher logprob at the draws, which this divergence needs; use --loss fkl, or re-cache without --no-draw-logprobs")
+    if cfg["draw_estimator"] != "is":
+        raise TrainError(f"--draw-estimator {cfg['draw_estimator']}: needs the draws' teacher logprobs, which the store {store} "
+                         "does not hold (written with --no-draw-logprobs); use --draw-estimator is")
 
 
 def _setup_model(run: _Run, header: dict[str, Any]) -> None:
