@@ -106,7 +106,7 @@ def heldout_kl(t_lps, student, ids_list) -> tuple[float, dict]:
 
 def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, shard_size: int, sampled_candidates: int | None = None, backend: str = "vllm",
                 draws: int | None = None, certain_exact: bool | None = None, draw_logprobs: bool | None = None,
-                draw_power: float | None = None) -> dict:
+                draw_power: float | None = None, far_oversample: int | None = None, far_draws: int | None = None) -> dict:
     """`kdship cache` (a subprocess: the vLLM engine is gone before training starts)."""
     info_file = out.with_suffix(".info.json")
     if info_file.is_file() and out.is_dir():
@@ -124,6 +124,8 @@ def cache_store(teacher: str, data: Path, out: Path, top_k: int, targets: str, s
         cmd += ["--draw-logprobs" if draw_logprobs else "--no-draw-logprobs"]
     if draw_power is not None:
         cmd += ["--draw-power", str(draw_power)]
+    if far_oversample is not None:
+        cmd += ["--far-oversample", str(far_oversample), "--far-draws", str(far_draws)]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     secs = time.time() - t0
@@ -268,14 +270,18 @@ def main() -> None:
     ce_default = bool(CACHE_DEFAULTS["certain_exact"])
     dl_default = bool(CACHE_DEFAULTS["draw_logprobs"])
     pw_default = float(CACHE_DEFAULTS["draw_power"])
+    fo_default, fd_default = int(CACHE_DEFAULTS["far_oversample"]), int(CACHE_DEFAULTS["far_draws"])
     stores: dict[str, dict] = {"k50": dict(top_k=50, targets="topk")}
 
-    def vllm_headtail(n: int = draws, k: int = cands, ce: bool = ce_default, dl: bool = dl_default, pw: float = pw_default) -> str:
+    def vllm_headtail(n: int = draws, k: int = cands, ce: bool = ce_default, dl: bool = dl_default, pw: float = pw_default,
+                      fo: int = fo_default, fd: int = fd_default) -> str:
         """The key of a vLLM headtail store with N draws, K' candidates, --certain-exact and --draw-logprobs
         on or off, registered with every one of those options spelled out: a key says what its store is,
         whatever the defaults are when it is (re)built."""
         key = f"headtail_h{head}_n{n}_c{k}" + ("_ce" if ce else "") + ("" if dl else "_nolp") + ("" if pw == 1.0 else f"_pw{pw:g}")
-        stores[key] = dict(top_k=head, targets="headtail", draws=n, sampled_candidates=k, certain_exact=ce, draw_logprobs=dl, draw_power=pw)
+        key += "" if fo == 1 else f"_far{fd}x{fo}"
+        stores[key] = dict(top_k=head, targets="headtail", draws=n, sampled_candidates=k, certain_exact=ce, draw_logprobs=dl, draw_power=pw,
+                           far_oversample=fo, far_draws=fd)
         return key
 
     ht = vllm_headtail()
@@ -309,6 +315,11 @@ def main() -> None:
                for n in (16, 18)]
     # draws from the residual raised to a power < 1 (flatter: more of them in the far tail), self-normalised weights
     probes += [(f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --draw-power 0.5)", vllm_headtail(pw=0.5), "bucket")]
+    # stratified: 2 of the 8 draws on the residual's last 10 % of mass (3x as dense), unbiased (counts encode it)
+    probes += [(f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}; --far-oversample 3 --far-draws 2)", vllm_headtail(fo=3, fd=2), "bucket")]
+    # both: an fkl-only store at the default's size with its far tail oversampled
+    probes += [(f"probe: headtail h={head} + 17 draws (vLLM K'={cands}; --no-draw-logprobs: fkl only; --far-oversample 3 --far-draws 4)",
+                vllm_headtail(n=17, dl=False, fo=3, fd=4), "bucket")]
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]

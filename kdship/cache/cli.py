@@ -25,6 +25,8 @@ def cache_command(
     certain_exact: Optional[bool] = typer.Option(None, "--certain-exact/--no-certain-exact", help=with_default("headtail: a residual token the draws would hit whatever the random offset (n * r >= 1) is stored exact instead of as a draw (one draw fewer), removing the count's rounding noise; unbiased either way.", DEFAULTS, "certain_exact")),
     draw_logprobs: Optional[bool] = typer.Option(None, "--draw-logprobs/--no-draw-logprobs", help=with_default("headtail: store the draws' teacher logprobs. Without them (ids and counts only; ~1.7 B per draw less with SmolLM2) the store trains fkl and CE only, whose gradient needs none: spend the bytes on more --draws. rkl, jsd, skl, srkl, tvd and --draw-estimator cv refuse such a store.", DEFAULTS, "draw_logprobs")),
     draw_power: Optional[float] = typer.Option(None, "--draw-power", help=with_default("headtail, experimental: draw from the residual raised to this power (< 1: flatter, more draws in the far tail), weighted by count * p^(1 - power) normalised to the row's rest mass (self-normalised).", DEFAULTS, "draw_power")),
+    far_oversample: Optional[int] = typer.Option(None, "--far-oversample", help=with_default("headtail, experimental: stratified draws: --far-draws of the draws go to the residual's last share phi = f / (f + k (N - f)) of its mass, k times as densely as the rest (encoded in the counts: unbiased, readers unchanged). 1 = off.", DEFAULTS, "far_oversample")),
+    far_draws: Optional[int] = typer.Option(None, "--far-draws", help=with_default("With --far-oversample: the draws of the far stratum.", DEFAULTS, "far_draws")),
     sampled_candidates: Optional[int] = typer.Option(None, "--sampled-candidates", help=with_default("vLLM only, headtail / sampled: draw from the top-K' candidates (the mass beyond them is stored as one bucket for headtail); --backend hf draws exactly.", DEFAULTS, "sampled_candidates")),
     backend: Optional[str] = typer.Option(None, help=with_default("vllm | hf (plain transformers, the reference) | openai (--teacher-url).", DEFAULTS, "backend")),
     teacher_url: Optional[str] = typer.Option(None, "--teacher-url", help="OpenAI-compatible endpoint for --backend openai (TEACHER then only needs its tokenizer)."),
@@ -67,7 +69,7 @@ def cache_command(
     from kdship.config import ConfigError, resolve
 
     flags = dict(
-        mode=mode, top_k=top_k, targets=targets, draws=draws, certain_exact=certain_exact, draw_logprobs=draw_logprobs, draw_power=draw_power, sampled_candidates=sampled_candidates, backend=backend, teacher_url=teacher_url, api_key=api_key,
+        mode=mode, top_k=top_k, targets=targets, draws=draws, certain_exact=certain_exact, draw_logprobs=draw_logprobs, draw_power=draw_power, far_oversample=far_oversample, far_draws=far_draws, sampled_candidates=sampled_candidates, backend=backend, teacher_url=teacher_url, api_key=api_key,
         samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_length=max_length,
         overflow=overflow, shard_size=shard_size, shard_positions=shard_positions, resume=resume, overwrite=overwrite, skip_bad=skip_bad, num_shards=num_shards,
         shard_index=shard_index, tensor_parallel_size=tensor_parallel_size, dtype=dtype, filter=filter, min_new_tokens=min_new_tokens,

@@ -100,6 +100,8 @@ def cache(
     certain_exact: bool = False,
     draw_logprobs: bool = True,
     draw_power: float = 1.0,
+    far_oversample: int = 1,
+    far_draws: int = 2,
     samples: int = 1,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -185,6 +187,8 @@ class _Options:
     certain_exact: bool
     draw_logprobs: bool
     draw_power: float
+    far_oversample: int
+    far_draws: int
     samples: int
     temperature: float
     top_p: float
@@ -258,6 +262,11 @@ def _check_options(o: _Options) -> None:
         raise CacheError(f"--no-draw-logprobs applies to --targets headtail (got {o.targets})")
     if o.draw_power != 1.0 and (o.targets != "headtail" or not 0.0 < o.draw_power <= 1.0 or not o.draw_logprobs):
         raise CacheError(f"--draw-power {o.draw_power}: applies to --targets headtail with the draws' logprobs (their weights need p), in (0, 1]")
+    if o.far_oversample != 1:
+        bad = o.targets != "headtail" or o.far_oversample < 1 or not 1 <= o.far_draws < o.draws or o.certain_exact or o.draw_power != 1.0
+        if bad or o.far_oversample * (o.draws - o.far_draws) + o.far_draws > 255:
+            raise CacheError(f"--far-oversample {o.far_oversample} --far-draws {o.far_draws}: applies to --targets headtail without "
+                             f"--certain-exact or --draw-power, with 1 <= --far-draws < --draws ({o.draws}) and oversample x near draws + far draws <= 255")
     if o.samples < 1:
         raise CacheError(f"--samples {o.samples}: must be >= 1")
     if o.samples > 1 and o.mode != "generate":
@@ -662,7 +671,8 @@ def _load_filter():
 
 def _target_spec(o: _Options, top_k: int) -> TargetSpec:
     """The target options of ``o`` as one object, with the k the store holds (an HTTP teacher may cap it)."""
-    return TargetSpec(o.targets, int(top_k), int(o.draws), bool(o.certain_exact), bool(o.draw_logprobs), float(o.draw_power))
+    return TargetSpec(o.targets, int(top_k), int(o.draws), bool(o.certain_exact), bool(o.draw_logprobs), float(o.draw_power),
+                      int(o.far_oversample), int(o.far_draws))
 
 
 def _target_sampling(spec: TargetSpec, backend, sampled_candidates, seed):
@@ -680,6 +690,8 @@ def _target_sampling(spec: TargetSpec, backend, sampled_candidates, seed):
             out["draw_logprobs"] = False
         if spec.draw_power != 1.0:
             out["draw_power"] = spec.draw_power
+        if spec.far_oversample > 1:
+            out["far_oversample"], out["far_draws"] = spec.far_oversample, spec.far_draws
     return out
 
 
@@ -692,7 +704,8 @@ def _targets_for(ids, lps, spec: TargetSpec, rng, tokens=None, token_lp=None) ->
         return {"topk_ids": ti, "topk_logprobs": tl, "target_weights": tw}
     if token_lp is None:
         token_lp = np.full(len(tokens), np.nan, np.float32)
-    out = draw_headtail_targets(ids, lps, tokens, token_lp, spec.top_k, spec.draws, rng, spec.certain_exact, spec.draw_logprobs, spec.draw_power)
+    out = draw_headtail_targets(ids, lps, tokens, token_lp, spec.top_k, spec.draws, rng, spec.certain_exact, spec.draw_logprobs, spec.draw_power,
+                                spec.far_oversample, spec.far_draws)
     out["_missing_mass"] = float(out.pop("missing_mass").sum())
     return out
 

@@ -52,6 +52,29 @@ class TargetSpec:
     certain_exact: bool = False
     draw_logprobs: bool = True
     draw_power: float = 1.0
+    far_oversample: int = 1  # > 1: the last share of the residual gets ``far_draws`` of the draws (stratified)
+    far_draws: int = 2
+
+
+def far_share(n_draws: int, far_draws: int, oversample: int) -> float:
+    """The share phi of the residual mass (its cdf's last phi) whose ``far_draws`` draws each count 1 when
+    the other n - f count ``oversample``: phi = f / (f + k (n - f)), so every hit's weight count / sum(counts)
+    is its stratum's mass over its draws, and the far stratum is drawn k times as densely."""
+    return far_draws / (far_draws + oversample * (n_draws - far_draws))
+
+
+def _draw_stratified(cdf: np.ndarray, n: int, far_draws: int, oversample: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Systematic draws in two strata of the cdf: n - f points on its first 1 - phi, f on its last phi
+    (``far_share``), each with its own uniform offset. Returns (columns, counts): a near hit counts
+    ``oversample``, a far hit 1, so count / sum(counts) is the hit's stratum mass / its draws (unbiased)."""
+    phi = far_share(n, far_draws, oversample)
+    total = cdf[-1]
+    near = (rng.random() + np.arange(n - far_draws)) / (n - far_draws) * (1.0 - phi)
+    far = (1.0 - phi) + (rng.random() + np.arange(far_draws)) / far_draws * phi
+    cols = np.minimum(np.searchsorted(cdf, np.concatenate([near, far]) * total, side="right"), len(cdf) - 1)
+    w = np.concatenate([np.full(n - far_draws, oversample), np.ones(far_draws, np.int64)])
+    u = np.unique(cols)
+    return u, np.bincount(np.searchsorted(u, cols), weights=w, minlength=len(u)).astype(np.int64)
 
 
 def _draw_systematic(cdf: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -72,6 +95,8 @@ def draw_headtail_targets(
     certain_exact: bool = False,
     draw_logprobs: bool = True,
     draw_power: float = 1.0,
+    far_oversample: int = 1,
+    far_draws: int = 2,
 ) -> dict[str, np.ndarray]:
     """Headtail targets for the rows of one sequence.
 
@@ -92,9 +117,15 @@ def draw_headtail_targets(
     ``draw_power`` a != 1: the draws come from g_v proportional to r_v ** a instead of r (a < 1: flatter,
     more of them in the far tail); the reader weighs a draw by count * p ** (1 - a), normalised to the
     row's R - B (self-normalised importance sampling: consistent, biased by O(1/N); experimental).
+    ``far_oversample`` k > 1 (experimental): stratified draws, ``far_draws`` of them on the residual cdf's
+    last share phi (``far_share``), the rest on the first 1 - phi; a near hit counts k, a far hit 1, so the
+    reader's weights (R - B) * count / sum(counts) stay unbiased with no change (``_draw_stratified``).
     """
     if not 1 <= n_draws <= 255:
         raise ValueError(f"draws {n_draws}: must be in 1..255 (counts are uint8)")
+    if far_oversample > 1 and not (1 <= far_draws < n_draws and far_oversample * (n_draws - far_draws) + far_draws <= 255 and not certain_exact):
+        raise ValueError(f"far draws {far_draws} x oversample {far_oversample} of {n_draws}: need 1 <= far draws < draws, "
+                         "counts summing to <= 255, and no certain_exact")
     L, kc = ids.shape
     width = head + n_draws
     out_i = np.full((L, width), -1, np.int32)
@@ -145,8 +176,10 @@ def draw_headtail_targets(
         sel_lp = [row_lp[exact_cols]]
         sel_c = [np.zeros(len(exact_cols), np.int64)]
         if rest > 0 and covered > 0:
-            picks = _draw_systematic(np.cumsum(g_res), n_left, rng)
-            u, c = np.unique(picks, return_counts=True)
+            if far_oversample > 1:
+                u, c = _draw_stratified(np.cumsum(g_res), n_left, far_draws, far_oversample, rng)
+            else:
+                u, c = np.unique(_draw_systematic(np.cumsum(g_res), n_left, rng), return_counts=True)
             sel_ids.append(row_ids[cols[u]])
             sel_lp.append(row_lp[cols[u]])
             sel_c.append(c)
