@@ -318,8 +318,8 @@ def main() -> None:
     # stratified: 2 of the 8 draws on the residual's last 10 % of mass (3x as dense), unbiased (counts encode it)
     probes += [(f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}; --far-oversample 3 --far-draws 2)", vllm_headtail(fo=3, fd=2), "bucket")]
     # both: an fkl-only store at the default's size with its far tail oversampled
-    probes += [(f"probe: headtail h={head} + 17 draws (vLLM K'={cands}; --no-draw-logprobs: fkl only; --far-oversample 3 --far-draws 4)",
-                vllm_headtail(n=17, dl=False, fo=3, fd=4), "bucket")]
+    probes += [(f"probe: headtail h={head} + {n} draws (vLLM K'={cands}; --no-draw-logprobs: fkl only; --far-oversample 3 --far-draws 4)",
+                vllm_headtail(n=n, dl=False, fo=3, fd=4), "bucket") for n in (17, 16)]
     if a.variants:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]
