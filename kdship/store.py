@@ -221,13 +221,19 @@ def draw_logprobs_stored(header: dict[str, Any]) -> bool:
     return (header.get("target_sampling") or {}).get("draw_logprobs", True) is not False
 
 
+def exact_entries_width(head: int, draws: int, certain_exact: bool) -> int:
+    """The most exact entries a headtail row can hold: h, plus N - 1 certain draws with --certain-exact
+    (the width of ``target_logprobs`` in a store without the draws' logprobs)."""
+    return head + (draws - 1 if certain_exact else 0)
+
+
 def logprob_width(header: dict[str, Any]) -> int:
-    """Columns of ``target_logprobs``: the target width, or in a store without the draws' logprobs the
-    most exact entries a row can hold (h, plus N - 1 certain draws with --certain-exact)."""
+    """Columns of ``target_logprobs``: the target width, or in a store without the draws' logprobs
+    ``exact_entries_width``."""
     if header.get("targets") != "headtail" or draw_logprobs_stored(header):
         return target_width(header)
     ts = header["target_sampling"]
-    return int(header["top_k"]) + (int(ts["draws"]) - 1 if ts.get("certain_exact") else 0)
+    return exact_entries_width(int(header["top_k"]), int(ts["draws"]), bool(ts.get("certain_exact")))
 
 
 @dataclass

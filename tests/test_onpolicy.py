@@ -249,3 +249,24 @@ def test_mixed_loader_is_seeded_resumes_exactly_and_refuses_another_teachers_sto
     with pytest.raises(TrainError, match="another teacher.*weights_sha256"):
         train(str(main_store), student=str(tiny_student), out=str(tmp_path / "run"), max_steps=2, progress=False, mix_stores=[str(other)], mix_fraction=0.5)
     assert not (tmp_path / "run").exists()
+
+
+def test_round_store_is_scored_with_the_original_stores_draw_options(tmp_path):
+    """A round's `kdship cache` command repeats every draw option the base store's header records, so
+    the round store is drawn as the base store was; the CLI accepts every flag it writes."""
+    from typer.testing import CliRunner
+
+    from kdship.cli import app
+    from kdship.train.onpolicy import _score_command
+
+    ts = {"draws": 16, "candidates": 4096, "exact": False, "seed": 0, "head": 4, "draw_logprobs": False, "far_oversample": 3, "far_draws": 4}
+    header = {"targets": "headtail", "top_k": 4, "max_length": 512, "target_sampling": ts}
+    cmd = _score_command("T", tmp_path / "g.jsonl", tmp_path / "s", header, "vllm", 0)
+    flags = " ".join(cmd)
+    for want in ("--draws 16", "--no-certain-exact", "--no-draw-logprobs", "--far-oversample 3 --far-draws 4", "--sampled-candidates 4096"):
+        assert want in flags, (want, flags)
+    assert "--draw-power" not in flags
+    cmd = _score_command("T", tmp_path / "g.jsonl", tmp_path / "s", dict(header, target_sampling=dict(ts, draw_power=0.5)), "vllm", 0)
+    assert "--draw-power 0.5" in " ".join(cmd)
+    res = CliRunner().invoke(app, cmd[cmd.index("cache"):] + ["--help"])
+    assert res.exit_code == 0, res.output

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdship.store import exact_entries_width
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -197,7 +199,7 @@ def draw_headtail_targets(
         out_rest[r] = np.log(rest) if rest > 0 else -np.inf
         out_beyond[r] = np.log(missing[r]) if missing[r] > 0 else -np.inf
     if not draw_logprobs:
-        out_l = np.ascontiguousarray(out_l[:, : head + (n_draws - 1 if certain_exact else 0)])
+        out_l = np.ascontiguousarray(out_l[:, : exact_entries_width(head, n_draws, certain_exact)])
     return {"target_ids": out_i, "target_logprobs": out_l, "target_counts": out_c, "token_logprob": out_tok, "rest_logmass": out_rest,
             "beyond_logmass": out_beyond, "missing_mass": missing}
 

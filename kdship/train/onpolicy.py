@@ -69,9 +69,13 @@ def _score_command(teacher: str, gens: Path, store: Path, header: dict[str, Any]
     ts = header.get("target_sampling") or {}
     if header["targets"] == "headtail" and "draws" in ts:
         cmd += ["--draws", str(ts["draws"])]
-        # the round store holds what the original holds (the trainer's checks, e.g. fkl only without draw logprobs, hold for both)
+        # the round store is drawn as the original was (the trainer's checks, e.g. fkl only without draw logprobs, hold for both)
         cmd += ["--certain-exact" if ts.get("certain_exact") else "--no-certain-exact"]
         cmd += ["--no-draw-logprobs" if ts.get("draw_logprobs") is False else "--draw-logprobs"]
+        if "draw_power" in ts:
+            cmd += ["--draw-power", str(ts["draw_power"])]
+        if "far_oversample" in ts:
+            cmd += ["--far-oversample", str(ts["far_oversample"]), "--far-draws", str(ts["far_draws"])]
     if backend == "vllm" and isinstance(ts.get("candidates"), int):
         cmd += ["--sampled-candidates", str(ts["candidates"])]
     return cmd
