@@ -2,18 +2,18 @@
 # kdship's GPU check, the one command for a lent GPU machine (docs/gpu.md):
 #   device call: command `bash bench/gpu.sh`, carry [".whl", ".gpu"] (written by bench/gpu_prepare.sh)
 # Installs the carried wheels (zarr & co; the device has torch, transformers...), prints the machine,
-# then bench/gpu_bench.py: the CUDA smoke test (pytest) and `kdship train` throughput (store vs online
+# then bench/gpu_bench.py: matmul ceiling, the loss alone, step profiles, `kdship train` throughput and MFU (store vs online
 # teacher), written to $OUT/gpu_results.json, $OUT/gpu.md, $OUT/gpu_log.txt. Back here:
 #   python bench/gpu_record.py /work/.device/.../gpu_results.json
 # Without CUDA it says so and runs the same steps at small sizes (a rehearsal of this script).
-# Time: the python part stops itself at GPU_BUDGET_S (default 360 s) and is killed 45 s after that,
-# so the call ends inside ~7 minutes even if a step hangs. Extra arguments go to gpu_bench.py (--pairs, --smoke-tests).
+# Time: the python part stops itself at GPU_BUDGET_S (default 440 s) and is killed 45 s after that,
+# so the call ends inside ~8 minutes even if a step hangs (device call: timeout_s 540). Extra arguments go to gpu_bench.py (--pairs, --smoke-tests).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-/tmp/kdship-gpu-out}"
 SITE="${KDSHIP_GPU_SITE:-/tmp/site}"
-BUDGET="${GPU_BUDGET_S:-360}"
+BUDGET="${GPU_BUDGET_S:-440}"
 mkdir -p "$OUT"
 t0=$(date +%s)
 

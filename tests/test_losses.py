@@ -247,6 +247,27 @@ def test_chunking_does_not_change_the_result():
     torch.testing.assert_close(a[3], b[3])
 
 
+def test_bf16_matmul_operands_stay_near_the_float64_reference():
+    """matmul_dtype=bf16 (the trainer's CUDA autocast): bf16 operands, fp32 logits and gradients. Value and
+    gradients within bf16's rounding of the float64 reference, every output written in float32."""
+    case = make_case(N=41, H=64, V=300, K=8, seed=13)
+    cfg = LossConfig(kind="fkl", tail="bucket", ce_weight=0.5, chunk_rows=7)
+    ref_loss, ref_gh, ref_gw = reference(case, cfg)
+    h = case.hidden.float().requires_grad_(True)
+    w = case.weight.float().requires_grad_(True)
+    rows = SimpleNamespace(**{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in vars(case).items()})
+    loss, parts = DistillLoss(cfg).parts_tensor(h, w, rows, matmul_dtype=torch.bfloat16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and parts.dtype == torch.float32
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-2
+    assert rel(h.grad, ref_gh) < 2e-2 and rel(w.grad, ref_gw) < 2e-2
+    # and not the float32 result by accident: bf16 rounding is visible
+    l32, _ = DistillLoss(cfg).parts_tensor(case.hidden.float(), case.weight.float(), rows)
+    assert loss.item() != l32.item()
+
+
 def test_bad_options_are_refused_by_name():
     with pytest.raises(ValueError, match="--loss"):
         LossConfig(kind="kl2")

@@ -116,7 +116,7 @@ class LossConfig:
     ce_weight: float = 0.0
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skl / srkl
-    chunk_rows: int | None = None  # rows per lm_head chunk; None = about 8M logits per chunk
+    chunk_rows: int | None = None  # rows per lm_head chunk; None = LOGIT_BUDGET logits for the device (8M on the CPU, 64M on CUDA)
     # headtail "beyond" bucket: 0 = against the student's mass off the row's stored ids; K' > 0 =
     # against its mass outside its own top-K' (and the stored ids), the student's estimate of the
     # teacher's never-drawn set. Off the stored ids, undrawn mid-tail tokens share the bucket's push.
@@ -299,19 +299,45 @@ def _cv_row_losses(cfg: LossConfig, terms: torch.Tensor, ratio: torch.Tensor, s:
 RowFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (s_kd, s_ce, rows, s_far=None) -> (loss, parts)
 
 
-def default_chunk_rows(vocab: int, budget_logits: int = 1 << 23) -> int:
-    return max(16, budget_logits // max(1, vocab))
+# logits per lm_head chunk. The CPU: ~8M (32 MB in fp32), where the matmuls dominate. CUDA: ~64M (256 MB),
+# because every chunk dispatches a few hundred small kernels (the row losses and their gradients, whatever
+# the chunk's size): at 49k vocab and 16k tokens, 8M logits made 96 chunks and the step launch-bound
+# (bench/train_profile.py); 64M makes 12, and still holds well under a quarter of the full logits.
+LOGIT_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}
+
+
+def default_chunk_rows(vocab: int, device: torch.device | str = "cpu") -> int:
+    kind = torch.device(device).type
+    return max(16, LOGIT_BUDGET.get(kind, LOGIT_BUDGET["cpu"]) // max(1, vocab))
+
+
+_MM_OUT_DTYPE = {"cuda": True}  # torch.mm(..., out_dtype=) works there (turned off at the first refusal)
+
+
+def matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b as an ``acc`` (float32) tensor. Low-precision operands on CUDA: cuBLAS accumulates in fp32 and
+    writes fp32 (``out_dtype``), so logits are not rounded to bf16 on the way out (a logit of 20 would
+    lose ~0.06); elsewhere the product is upcast after the matmul."""
+    if a.dtype == acc:
+        return a @ b
+    if _MM_OUT_DTYPE.get(a.device.type):
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, NotImplementedError, RuntimeError):  # an older torch: no fp32-out bf16 matmul
+            _MM_OUT_DTYPE[a.device.type] = False
+    return (a @ b).to(acc)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     """loss = sum over chunks of row_fn(log q_T[ids], log q_1[target]); gradients computed per chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, targets, row_fn, chunk_rows, temperature, needs_grad, n_parts, far_k=0):  # noqa: D401
+    def forward(ctx, hidden, weight, ids, targets, row_fn, chunk_rows, temperature, needs_grad, n_parts, far_k=0, matmul_dtype=None):  # noqa: D401
         N = hidden.shape[0]
         full = isinstance(ids, int)  # every row's ids are 0..ids-1: slice instead of gather
-        w_mm = weight.to(hidden.dtype)
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # logits in >= fp32 (bf16 matmul, fp32 softmax)
+        mm_dtype = matmul_dtype or hidden.dtype  # the three lm_head matmuls' operands (bf16 under CUDA autocast)
+        w_mm = weight.to(mm_dtype)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # logits and gradients in >= fp32 (bf16 matmul, fp32 softmax)
         grad_h = torch.zeros_like(hidden) if needs_grad else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -319,8 +345,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         T = float(temperature)
         for a in range(0, N, chunk_rows):
             sl = slice(a, min(N, a + chunk_rows))
-            h_c = hidden[sl]
-            z = (h_c @ w_mm.T).to(acc)  # [c, V], the only vocabulary-sized tensors live per chunk
+            h_c = hidden[sl].to(mm_dtype)
+            z = matmul_acc(h_c, w_mm.T, acc)  # [c, V], the only vocabulary-sized tensors live per chunk
             lse1 = torch.logsumexp(z, -1, keepdim=True)
             if T == 1.0:
                 zT, lseT = z, lse1
@@ -353,36 +379,13 @@ class _FusedHeadLoss(torch.autograd.Function):
             total += loss_c.detach().to(acc)
             parts += parts_c.detach().to(acc)
             if needs_grad:
-                # d loss / d logits for this chunk, built in place in as few [c, V] buffers as possible
-                dz = None
-                if g_kd is not None:
-                    # d s_i / d zT_v = [v == id_i] - softmax(zT)_v ; then d zT / d z = 1/T
-                    dz = torch.softmax(zT, -1) if T != 1.0 else (z - lse1).exp_()
-                    dz.mul_(-g_kd.sum(-1, keepdim=True))
-                    if full:
-                        dz[:, :ids].add_(g_kd)
-                    else:
-                        dz.scatter_add_(1, ids_c, g_kd)
-                    if T != 1.0:
-                        dz.div_(T)
-                if g_far is not None:
-                    # d s_far / d z_v = [v in F] softmax_F(z)_v - softmax(z)_v
-                    lse_f = torch.logsumexp(z.masked_fill(~far_mask, float("-inf")), -1, keepdim=True)
-                    pf = (z - lse_f).exp_().masked_fill_(~far_mask, 0.0).sub_((z - lse1).exp_()).mul_(g_far[:, None])
-                    dz = pf if dz is None else dz.add_(pf)
-                    del pf
-                if g_ce is not None:
-                    p1 = (z - lse1).exp_().mul_(-g_ce[:, None])
-                    p1.scatter_add_(1, tgt_c, g_ce[:, None])
-                    dz = p1 if dz is None else dz.add_(p1)
-                    del p1
-                if dz is None:
-                    dz = torch.zeros_like(z)
-                grad_h[sl] = (dz.to(hidden.dtype) @ w_mm).to(grad_h.dtype)
-                if h_c.dtype == acc:
+                dz = _logit_grad(z, zT, lse1, T, g_kd, g_ce, g_far, far_mask, ids if full else ids_c, tgt_c)
+                dz_mm = dz.to(mm_dtype)
+                grad_h[sl] = matmul_acc(dz_mm, w_mm, acc).to(grad_h.dtype)
+                if mm_dtype == acc:
                     grad_w.addmm_(dz.T, h_c)
-                else:  # bf16 activations: bf16 matmul, fp32 accumulation across chunks
-                    grad_w.add_((dz.T.to(h_c.dtype) @ h_c).to(acc))
+                else:  # bf16 operands: fp32 products, accumulated across chunks in fp32
+                    grad_w.add_(matmul_acc(dz_mm.T, h_c, acc))
             del z, zT
         ctx.save_for_backward(grad_h if needs_grad else torch.empty(0), grad_w if needs_grad else torch.empty(0))
         ctx.weight_dtype = weight.dtype
@@ -394,9 +397,52 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total, grad_parts):
         grad_h, grad_w = ctx.saved_tensors
         if not ctx.needs_grad:
-            return (None,) * 10
+            return (None,) * 11
         g = grad_total.to(grad_w.dtype)
-        return (grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None, None, None, None, None, None)
+        return (grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype)) + (None,) * 9
+
+
+def _logit_grad(z, zT, lse1, T, g_kd, g_ce, g_far, far_mask, ids, tgt_c):
+    """d loss / d z for one chunk [c, V], built in z's own buffer (z is not read again) with one softmax.
+
+    With p = softmax(z) and F the far set (``beyond_topk``)::
+
+        d s_ce / d z_v  = [v == target] - p_v
+        d s_i / d z_v   = ([v == id_i] - softmax(z / T)_v) / T
+        d s_far / d z_v = [v in F] p_v exp(lse(z) - lse_F(z)) - p_v
+
+    so dz = p * coef + the scatters, where coef = -(g_ce + g_far + sum_i g_i [T = 1]) (+ the far term on F):
+    one exp pass and one multiply over [c, V] whatever the terms (one more softmax for T != 1).
+    ``ids``: [c, K] stored ids, or an int V' (the ids are 0..V'-1).
+    """
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    a = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)  # the coefficient of -p per row
+    if g_ce is not None:
+        a = a + g_ce
+    if g_far is not None:
+        a = a + g_far
+    kd_t = None  # T != 1: the kd term's own softmax, at temperature T
+    if g_kd is not None:
+        if T == 1.0:
+            a = a + g_kd.sum(-1)
+        else:
+            kd_t = torch.softmax(zT, -1).mul_(-g_kd.sum(-1, keepdim=True) / T)
+    coef = -a[:, None]
+    if g_far is not None:
+        lse_f = torch.logsumexp(z.masked_fill(~far_mask, float("-inf")), -1, keepdim=True)
+        coef = coef + torch.where(far_mask, g_far[:, None] * (lse1 - lse_f).exp(), zero)
+    dz = z.sub_(lse1).exp_().mul_(coef)
+    if kd_t is not None:
+        dz.add_(kd_t)
+    if g_kd is not None:
+        g = g_kd if T == 1.0 else g_kd / T
+        if isinstance(ids, int):
+            dz[:, :ids].add_(g)
+        else:
+            dz.scatter_add_(1, ids, g)
+    if g_ce is not None:
+        dz.scatter_add_(1, tgt_c, g_ce[:, None])
+    return dz
 
 
 def fused_head_loss(
@@ -409,6 +455,7 @@ def fused_head_loss(
     temperature: float = 1.0,
     chunk_rows: int | None = None,
     far_k: int = 0,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked lm_head + row losses. hidden [N, H], weight [V, H], ids [N, K] (>= 0), targets [N].
 
@@ -417,10 +464,12 @@ def fused_head_loss(
     ``row_fn(s_kd [c, K], s_ce [c], rows: slice) -> (loss scalar, parts [n_parts])`` gets the student's
     full-vocabulary log-probs at temperature T at ``ids`` and at T = 1 at ``targets``. Returns the
     summed loss (differentiable w.r.t. hidden and weight) and the summed parts (detached).
+    ``matmul_dtype``: the lm_head matmuls' operand dtype (bf16 under the trainer's CUDA autocast; None: the
+    hidden states' own); logits, softmax and gradients stay in float32 whatever it is.
     """
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _FusedHeadLoss.apply(hidden, weight, ids, targets, row_fn, int(chunk_rows), float(temperature), needs_grad, n_parts, int(far_k))
+    return _FusedHeadLoss.apply(hidden, weight, ids, targets, row_fn, int(chunk_rows), float(temperature), needs_grad, n_parts, int(far_k), matmul_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,8 +523,13 @@ class DistillLoss:
 
         return fn
 
-    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, rows) -> tuple[torch.Tensor, dict[str, float]]:
+    def parts_tensor(self, hidden: torch.Tensor, weight: torch.Tensor, rows, matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, parts [len(PART_NAMES)] detached, on the device): no host read, for the training step."""
         ids = rows.topk_logprobs.shape[1] if rows.topk_ids is None else rows.topk_ids.clamp(min=0)
         far_k = self.cfg.beyond_topk if (rows.target_weights is not None and rows.topk_ids is not None) else 0
-        loss, parts = fused_head_loss(hidden, weight, ids, rows.targets, self.row_fn(rows), len(PART_NAMES), self.cfg.temperature, self.cfg.chunk_rows, far_k)
+        return fused_head_loss(hidden, weight, ids, rows.targets, self.row_fn(rows), len(PART_NAMES), self.cfg.temperature, self.cfg.chunk_rows, far_k,
+                               matmul_dtype)
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, rows) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, parts = self.parts_tensor(hidden, weight, rows)
         return loss, dict(zip(PART_NAMES, parts.tolist()))

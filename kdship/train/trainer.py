@@ -42,6 +42,7 @@ from typing import Any
 
 from kdship.heldout import DEFAULT_HELDOUT_FRACTION
 from kdship.run_manifest import MANIFEST_FILE, RunManifest, replace_final
+from kdship.train.profile import OFF
 
 log = logging.getLogger("kdship.train")
 
@@ -82,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
     "fsdp": False,
     # auto: bf16 autocast on CUDA (student and online teacher), float32 on the CPU; fp32: never; bf16: always
     "precision": "auto",
+    # torch.compile the student's decoder (dynamic shapes: packed batches vary). Off until a GPU run shows
+    # it faster (bench/gpu.sh measures both); on the CPU it costs ~40 s of compilation first
+    "compile": False,
     "workers": 2,
     "shuffle_shards": 4,
     "logit_chunk": None,
@@ -91,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "tensorboard": False,
     "log_every": 10,
     "progress": True,
+    "profile_steps": None,  # N: profile N steps after a short warm-up into RUN_DIR/profile/ (kdship.train.profile)
     # on-policy rounds (kdship.train.onpolicy): more stores, drawn from with total probability mix_fraction
     "mix_stores": None,
     "mix_fraction": 0.0,
@@ -258,15 +263,19 @@ def online_rows(teacher, batch, vocab_tok: int, device, autocast_dtype):
     import torch
 
     from kdship.train.loader import Rows
+    from kdship.train.losses import matmul_acc
 
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
     with torch.no_grad():
         with ctx:
             decoder = getattr(teacher, teacher.base_model_prefix)
             hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), use_cache=False).last_hidden_state
-            h = hidden.reshape(-1, hidden.shape[-1])[batch.pred_index.to(device)]
-            z = teacher.get_output_embeddings()(h)
-        z = z.float()
+        h = hidden.reshape(-1, hidden.shape[-1])[batch.pred_index.to(device)]
+        head = teacher.get_output_embeddings()
+        mm = autocast_dtype or h.dtype  # the student's lm_head precision (losses.fused_head_loss), fp32 logits either way
+        z = matmul_acc(h.to(mm), head.weight.to(mm).T, torch.float32)
+        if getattr(head, "bias", None) is not None:
+            z += head.bias.float()
         z -= torch.logsumexp(z, -1, keepdim=True)  # in place: one [N, V] buffer
     r = batch.rows
     return Rows(topk_ids=None, topk_logprobs=z[:, :vocab_tok], target_weights=None, targets=r.targets.to(device), row_weight=r.row_weight.to(device),
@@ -327,6 +336,8 @@ class _Dist:
 def _make_wrapper(model, loss_fn, autocast_dtype, hint=None):
     import torch
 
+    from kdship.train.profile import OFF
+
     class StudentWithLoss(torch.nn.Module):
         """forward(batch) -> (loss, parts): the decoder, then the fused chunked lm_head loss, plus
         ``hint.weight`` x the hint loss when hint KD is on (training only; evaluation is the logit KL)."""
@@ -336,24 +347,31 @@ def _make_wrapper(model, loss_fn, autocast_dtype, hint=None):
             self.model = model
             self.loss_fn = loss_fn  # swapped for the held-out KL during evaluation
             self.hint = hint  # a kdship.train.hint.HintHead or None; inside the module so DDP / FSDP see it
+            self.profiler = OFF  # a kdship.train.profile.StepProfiler while --profile-steps times steps
+            # --compile: the compiled decoder, kept out of the module tree (its state dict stays the model's)
+            self.__dict__["compiled_decoder"] = None
 
         def forward(self, input_ids, position_ids, pred_index, rows):
-            decoder = getattr(self.model, self.model.base_model_prefix)
+            """(loss, parts): parts is a detached tensor [loss, kd, ce, hint] on the device, read by the
+            caller once per step (a host read here would stall the queue before the backward)."""
+            decoder = self.compiled_decoder if self.compiled_decoder is not None else getattr(self.model, self.model.base_model_prefix)
             with_hint = self.hint is not None and self.training
             ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
-            with ctx:
+            with self.profiler.phase("forward"), ctx:
                 # the intermediate states only when hint KD needs them: the default path is unchanged
                 out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=with_hint)
-            hidden = out.last_hidden_state
-            h = hidden.reshape(-1, hidden.shape[-1])[pred_index]
-            weight = self.model.get_output_embeddings().weight
-            loss, parts = self.loss_fn(h, weight, rows)
-            if with_hint:
-                hint_loss = self.hint(out.hidden_states, pred_index, rows)
-                loss = loss + self.hint.weight * hint_loss
-                parts = {**parts, "hint": float(hint_loss.detach())}
-                parts["loss"] += self.hint.weight * parts["hint"]
-            return loss, parts
+            with self.profiler.phase("loss"):
+                hidden = out.last_hidden_state
+                h = hidden.reshape(-1, hidden.shape[-1])[pred_index]
+                weight = self.model.get_output_embeddings().weight
+                loss, parts = self.loss_fn.parts_tensor(h, weight, rows, matmul_dtype=autocast_dtype)
+                hint_part = torch.zeros_like(parts[:1])
+                if with_hint:
+                    hint_loss = self.hint(out.hidden_states, pred_index, rows)
+                    loss = loss + self.hint.weight * hint_loss
+                    hint_part = hint_loss.detach().reshape(1).to(parts.dtype)
+                    parts = parts + torch.cat([self.hint.weight * hint_part, torch.zeros_like(parts[1:])])
+            return loss, torch.cat([parts, hint_part])
 
     return StudentWithLoss()
 
@@ -584,8 +602,9 @@ def evaluate(train_module, wrapper, batches, device, vocab_size: int, chunk_rows
             for b in batches:
                 rows = rows_fn(b) if rows_fn is not None else b.rows.to(device)
                 _, parts = train_module(b.input_ids.to(device), b.position_ids.to(device), b.pred_index.to(device), rows)
-                tot["heldout_kl"] += parts["kd"]
-                tot["heldout_ce"] += parts["ce"]
+                _, kd, ce, _ = parts.tolist()
+                tot["heldout_kl"] += kd
+                tot["heldout_ce"] += ce
     finally:
         wrapper.loss_fn = saved
         wrapper.train(was)
@@ -680,6 +699,7 @@ class _Run:
                 eval_samples=int(c["eval_samples"]), shuffle_shards=int(c["shuffle_shards"]), workers=int(c["workers"]),
                 average=c["average"], rank=self.dist.rank, world_size=self.dist.world, max_epochs=max_epochs, state=state,
                 with_hidden=self.wrapper is not None and self.wrapper.hint is not None, with_drawn=c["draw_estimator"] == "cv",
+                pin_memory=self.device.type == "cuda",
             )
 
         if not c["mix_stores"]:
@@ -708,6 +728,8 @@ def _resolve_settings(store, student, config, options) -> dict[str, Any]:
         cfg["epochs"] = 1
     if cfg["stop_after"] is not None and int(cfg["stop_after"]) < 1:
         raise TrainError(f"--stop-after must be >= 1, got {cfg['stop_after']}")
+    if cfg["profile_steps"] is not None and int(cfg["profile_steps"]) < 1:
+        raise TrainError(f"--profile-steps must be >= 1, got {cfg['profile_steps']}")
     if cfg["precision"] not in PRECISIONS:
         raise TrainError(f"--precision {cfg['precision']!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg["mix_stores"]:
@@ -787,6 +809,12 @@ def _setup_model(run: _Run, header: dict[str, Any]) -> None:
         draw_estimator=str(cfg["draw_estimator"]),
     )
     run.wrapper = _make_wrapper(model, DistillLoss(loss_cfg, vocab_size=run.vocab_tok), run.autocast_dtype, _hint_head(run, header))
+    if cfg["compile"]:
+        import torch
+
+        run.wrapper.__dict__["compiled_decoder"] = torch.compile(getattr(model, model.base_model_prefix), dynamic=True)
+        if run.dist.main:
+            log.info("--compile: the decoder is compiled on first use (dynamic shapes)")
     if run.dist.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -826,6 +854,11 @@ def _hint_head(run: _Run, header: dict[str, Any]):
     return head.to(run.device)
 
 
+def _adamw_impl(device) -> dict[str, bool]:
+    """CUDA: the fused AdamW kernel (one launch for all parameters); the CPU: the foreach one."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def _setup_optimizer(run: _Run) -> None:
     """AdamW (no decay on vectors), warmup + cosine over the run's total steps."""
     import torch
@@ -837,7 +870,7 @@ def _setup_optimizer(run: _Run) -> None:
         (decay if p.dim() >= 2 else no_decay).append(p)
     run.optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(cfg["lr"]), betas=(0.9, 0.95), foreach=True,
+        lr=float(cfg["lr"]), betas=(0.9, 0.95), **_adamw_impl(run.device),
     )
     run.total_steps = int(cfg["max_steps"]) if cfg["max_steps"] is not None else run.make_loader(max_epochs=int(cfg["epochs"])).count_batches()
     if run.total_steps < 1:
@@ -882,19 +915,30 @@ def _resume_or_start(run: _Run) -> None:
     dist.barrier()
 
 
-def _optimizer_step(run: _Run, batch) -> tuple[dict[str, Any], Any]:
-    """Loss, backward, clip, step on one batch; returns the loss parts and the gradient norm."""
+def _optimizer_step(run: _Run, batch, prof) -> Any:
+    """Loss, backward, clip, step on one batch. Returns the step's figures as one device tensor
+    [loss, kd, ce, hint, grad_norm] (grad_norm NaN without clipping): nothing here reads the device, so
+    the host can queue the whole step before it waits, once, when the loop logs it."""
     import torch
 
-    loss, parts = run.train_module(batch.input_ids.to(run.device), batch.position_ids.to(run.device), batch.pred_index.to(run.device), run.rows_of(batch))
-    # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
-    (loss * run.dist.world).backward()
-    grad_clip = float(run.cfg["grad_clip"]) if run.cfg["grad_clip"] else 0.0
-    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip) if grad_clip else None
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return parts, gnorm
+    with prof.phase("h2d"):
+        ids, pos, pred = (t.to(run.device, non_blocking=True) for t in (batch.input_ids, batch.position_ids, batch.pred_index))
+        rows = run.rows_of(batch) if run.teacher is None else None
+    if rows is None:
+        with prof.phase("teacher"):
+            rows = run.rows_of(batch)
+    loss, parts = run.train_module(ids, pos, pred, rows)
+    with prof.phase("backward"):
+        # row weights are global (sum to 1 over all ranks); DDP averages gradients, so scale by world
+        (loss * run.dist.world).backward()
+    with prof.phase("optimizer"):
+        grad_clip = float(run.cfg["grad_clip"]) if run.cfg["grad_clip"] else 0.0
+        gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip) if grad_clip else torch.full((), float("nan"), device=parts.device)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return torch.cat([parts, gnorm.detach().reshape(1).to(parts.dtype)])
 
 
 def _train_loop(run: _Run) -> dict[str, Any]:
@@ -927,37 +971,51 @@ def _train_loop(run: _Run) -> dict[str, Any]:
     last_rec: dict = {}
     last_state = run.loader_state
     model.train()
+    prof = OFF
+    if cfg["profile_steps"]:
+        from kdship.train.profile import StepProfiler
+
+        prof = StepProfiler(run.out_dir / "profile", int(cfg["profile_steps"]), run.device)
+    run.wrapper.profiler = prof
+    with_hint = run.wrapper.hint is not None
     it = iter(loader)
     try:
         while step < stop_at:
+            if prof is not OFF:
+                prof.begin_step()
             try:
-                batch = next(it)
+                with prof.phase("data_wait"):
+                    batch = next(it)
             except StopIteration:
                 break
-            parts, gnorm = _optimizer_step(run, batch)
+            figures = _optimizer_step(run, batch, prof)
             step += 1
             run.tokens_seen += batch.global_tokens
             window_tokens += batch.global_tokens
             last_state = batch.state
-            loss_g, kd_g, ce_g, hint_g = dist.all_sum([parts["loss"], parts["kd"], parts["ce"], parts.get("hint", 0.0)])
-            now = time.perf_counter()
-            rec = {
-                "step": step, "epoch": batch.epoch, "loss": loss_g, "kd": kd_g, "ce": ce_g, **({"hint": hint_g} if "hint" in parts else {}),
-                "lr": run.scheduler.get_last_lr()[0],
-                "grad_norm": float(gnorm) if gnorm is not None else None, "tokens": run.tokens_seen,
-                "tokens_per_s": window_tokens / max(1e-9, now - window_t), "peak_mem_mb": _peak_memory_mb(run.device),
-                "elapsed_s": now - t0,
-            }
-            if batch.source is not None:
-                rec["source"] = batch.source
-            if step % int(cfg["log_every"]) == 0:
-                window_tokens, window_t = 0, now
-            metrics.log(rec)
-            kill_point_for_tests("train", step)
-            last_rec = rec
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_g:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            with prof.phase("log"):
+                loss_l, kd_l, ce_l, hint_l, gnorm = figures.tolist()  # the step's one host read
+                loss_g, kd_g, ce_g, hint_g = dist.all_sum([loss_l, kd_l, ce_l, hint_l])
+                now = time.perf_counter()
+                rec = {
+                    "step": step, "epoch": batch.epoch, "loss": loss_g, "kd": kd_g, "ce": ce_g, **({"hint": hint_g} if with_hint else {}),
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "grad_norm": None if math.isnan(gnorm) else gnorm, "tokens": run.tokens_seen,
+                    "tokens_per_s": window_tokens / max(1e-9, now - window_t), "peak_mem_mb": _peak_memory_mb(run.device),
+                    "elapsed_s": now - t0,
+                }
+                if batch.source is not None:
+                    rec["source"] = batch.source
+                if step % int(cfg["log_every"]) == 0:
+                    window_tokens, window_t = 0, now
+                metrics.log(rec)
+                kill_point_for_tests("train", step)
+                last_rec = rec
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_g:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if prof is not OFF:
+                prof.end_step(batch.tokens, loader)
             if int(cfg["eval_every"]) > 0 and step % int(cfg["eval_every"]) == 0 and step < run.total_steps:
                 run_eval(step)
             if int(cfg["ckpt_every"]) > 0 and step % int(cfg["ckpt_every"]) == 0 and step < run.total_steps:
@@ -965,7 +1023,12 @@ def _train_loop(run: _Run) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+        if prof is not OFF:
+            prof.close(loader)
+            run.wrapper.profiler = OFF
         loader.close()
+    if prof is not OFF and prof.done and dist.main:
+        log.info("step profile of %d steps: %s", prof.profiled, run.out_dir / "profile" / "profile.md")
     elapsed = time.perf_counter() - t0
     finished = step >= run.total_steps or cfg["stop_after"] is None
     final_eval = run_eval(step) if step > run.start_step or first_eval is None else first_eval
@@ -973,6 +1036,8 @@ def _train_loop(run: _Run) -> dict[str, Any]:
         "out": str(run.out_dir), "steps": step, "total_steps": run.total_steps, "tokens": run.tokens_seen, "seconds": elapsed,
         "tokens_per_s": run.tokens_seen / elapsed if elapsed > 0 and not run.resumed_from else None,
         "loss_last": last_rec.get("loss"), "resumed_from": run.resumed_from, "world_size": dist.world,
+        # tied embeddings counted once (as the lm_head, which does the FLOPs): MFU = 6 x this x tokens/s / peak
+        "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "heldout_kl_first": first_eval["heldout_kl"] if first_eval else None,
         "heldout_kl_last": final_eval["heldout_kl"] if final_eval else None,
         "skipped_samples_without_targets": loader.skipped_empty,
