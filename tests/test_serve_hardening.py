@@ -114,6 +114,28 @@ def test_body_limit_counts_a_chunked_body_as_it_arrives(public_server):
     assert big.status_code == 413
 
 
+def test_oversized_body_is_drained_so_http_client_reads_the_413(public_server):
+    """http.client (and so `requests`) writes the whole body before reading: had the server closed
+    while 10 MB were still arriving, the client would see a broken pipe, never the 413."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    h = public_server
+    u = urlsplit(h.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", body=b"x" * (10 << 20), headers={**h.headers(), "Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 413
+        assert r.getheader("Connection") == "close"
+        err = json.loads(r.read())["error"]
+        assert err["code"] == 413 and "4096 bytes" in err["message"] and "--max-body-bytes" in err["message"]
+    finally:
+        conn.close()
+    ok = httpx.post(h.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 2}, headers=h.headers())
+    assert ok.status_code == 200  # and the server keeps serving
+
+
 def test_internal_error_shows_a_request_id_not_its_text(public_server):
     h = public_server
     r = httpx.post(h.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=h.headers(), timeout=60)

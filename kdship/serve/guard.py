@@ -6,6 +6,7 @@ Plain ASGI rather than a FastAPI ``@app.middleware("http")``: streamed responses
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import uuid
@@ -14,6 +15,14 @@ from typing import Any, Awaitable, Callable
 log = logging.getLogger("kdship.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a prompt of ~250k tokens, beyond any context the server has
+# Before its 413, an oversized body is read and thrown away, up to this many more bytes: clients that
+# write the whole body before reading the answer (Python's http.client, so `requests`) would otherwise
+# meet a closed connection (broken pipe) and never see the 413. Past it the server stops paying for
+# the upload and closes; 64 MiB is a fraction of a second on a LAN.
+MAX_DRAIN_BYTES = 64 << 20
+# ...and only while the client keeps sending: one that pauses this long (waiting for the answer
+# mid-body) gets the 413 then.
+DRAIN_IDLE_SECONDS = 1.0
 KNOWN_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
 
 Message = dict[str, Any]
@@ -33,7 +42,11 @@ def new_request_id() -> str:
 
 
 class BodyTooLarge(Exception):
-    pass
+    """``declared``: the Content-Length over the limit (nothing read yet); else the body was counted
+    as it arrived, and ``ended`` says whether it was all read."""
+
+    def __init__(self, declared: int | None = None, ended: bool = False):
+        self.declared, self.ended = declared, ended
 
 
 class ClientGone(Exception):
@@ -46,7 +59,7 @@ async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
     bodies, or a Content-Length the body does not keep to)."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise BodyTooLarge()
+            raise BodyTooLarge(declared=int(value))
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -55,10 +68,32 @@ async def read_body(scope: dict, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge()
+            raise BodyTooLarge(ended=not message.get("more_body", False))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def drain(scope: dict, receive: Receive, too_large: BodyTooLarge) -> None:
+    """Read and discard the rest of an oversized body, within MAX_DRAIN_BYTES and DRAIN_IDLE_SECONDS."""
+    if too_large.ended:
+        return
+    if too_large.declared is not None:
+        if too_large.declared > MAX_DRAIN_BYTES:
+            return  # it would be cut off anyway: close now rather than read 64 MiB in vain
+        if dict(scope.get("headers", ())).get(b"expect", b"").lower() == b"100-continue":
+            return  # the client sends nothing before our answer (and receive() would send "100 Continue")
+    discarded = 0
+    while discarded <= MAX_DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), DRAIN_IDLE_SECONDS)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        discarded += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 class RequestGuard:
@@ -105,9 +140,10 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         try:
             body = await read_body(scope, receive, self.max_body_bytes)
-        except BodyTooLarge:
+        except BodyTooLarge as too_large:
+            await drain(scope, receive, too_large)
             message = f"request body larger than {self.max_body_bytes} bytes (the server's --max-body-bytes)"
-            # The unread rest of the body cannot be skipped on a kept-alive connection: close it.
+            # Any rest of the body left unread cannot be skipped on a kept-alive connection: close it.
             response = error_response(413, message, None, "invalid_request_error", headers={"Connection": "close"})
             return await response(scope, receive, send)
         replayed = False
