@@ -1,6 +1,7 @@
 """`kdship cache` with the transformers backend (the reference): targets, refusals, inspect, config."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -325,3 +326,183 @@ def test_bounded_groups_keep_order_and_the_entry_bound():
         assert len(g) == 1 or sum(sizes[i] for i in g) <= MAX_ENTRIES_PER_CALL
     assert groups[-1] == [len(sizes) - 1]
     assert len(groups) < len(sizes)  # rows that fit together share a call
+
+
+# --------------------------------------------------------------------------------------------------
+# The background shard writer (kdship.cache.run._write_shards): same store as the sequential code,
+# errors on either thread stop the run and nothing committed is lost.
+
+
+class _CountingBackend:
+    """A ready backend that counts its engine calls and can fail the n-th one (``fail_at``, 1-based)."""
+
+    def __init__(self, inner, fail_at=None, exc=KeyboardInterrupt, store=None):
+        self.inner, self.calls, self.fail_at, self.exc, self.store = inner, 0, fail_at, exc, store
+        self.commits_at_fail = None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _count(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            self.commits_at_fail = _commits(self.store) if self.store else None
+            raise self.exc(f"engine call {self.calls} interrupted")
+
+    def score(self, *a, **kw):
+        self._count()
+        return self.inner.score(*a, **kw)
+
+    def generate(self, *a, **kw):
+        self._count()
+        return self.inner.generate(*a, **kw)
+
+
+def _stored(out):
+    """Every shard's arrays as stored on disk (encoded) and its attributes (checksum, rejects, rows)."""
+    root = zarr.open_group(str(out), mode="r")
+    return {name: ({a: arr[...] for a, arr in g.arrays()}, dict(g.attrs)) for name, g in root["shards"].groups()}
+
+
+def _assert_bit_identical(a, b):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        (xa, attrs_a), (xb, attrs_b) = a[name], b[name]
+        assert attrs_a == attrs_b, name
+        assert sorted(xa) == sorted(xb), name
+        for n in xa:
+            assert xa[n].dtype == xb[n].dtype and xa[n].tobytes() == xb[n].tobytes(), f"{name}/{n} differs"
+
+
+def _commits(out):
+    return sorted(p.name for p in (out / "commits").glob("*.json"))
+
+
+def _writer_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "kdship-cache-writer"]
+
+
+HT = dict(backend="hf", dtype="float32", progress=False)  # headtail, the default targets: draws from per-row seeded rngs
+
+
+@pytest.fixture(scope="module")
+def sequential_ref(tmp_path_factory, tiny_teacher, corpus_dir, hf_be):
+    """chat.jsonl in 15 one-sample shards, written with the writer forced inline (the sequential code)."""
+    import kdship.cache.run as run_mod
+
+    out = tmp_path_factory.mktemp("seq") / "ref"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run_mod, "_BACKGROUND_WRITER", False)
+    try:
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), shard_size=1, teacher_backend=hf_be, **HT)
+    finally:
+        mp.undo()
+    return _stored(out)
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_background_writer_store_is_bit_identical_to_sequential(tmp_path, tiny_teacher, corpus_dir, hf_be, monkeypatch, mode):
+    """Shards of several engine calls each, written on the writer thread, equal (encoded bytes, checksums,
+    rejects) those written inline; generate mode with filters that reject some generations."""
+    import threading
+
+    import kdship.cache.run as run_mod
+    from kdship.store import StoreWriter
+
+    monkeypatch.setattr(run_mod, "MAX_ENTRIES_PER_CALL", 2 * 3 * 6 * 512)  # 1-2 rows per engine call: several per shard
+    written_on = []
+    real_write = StoreWriter.write_shard
+
+    def recording_write(self, index, *a, **kw):
+        written_on.append(threading.current_thread().name)
+        return real_write(self, index, *a, **kw)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", recording_write)
+    if mode == "score":
+        data, kw = corpus_dir / "chat.jsonl", dict(shard_size=4)
+    else:
+        # near-greedy samples of a row repeat each other: --dedupe rejects some, not all; 4 rows per shard
+        data, kw = corpus_dir / "prompts.jsonl", dict(mode="generate", samples=3, max_new_tokens=6, temperature=0.05, seed=2, shard_size=12, dedupe=True)
+    runs = {}
+    for background in (False, True):
+        monkeypatch.setattr(run_mod, "_BACKGROUND_WRITER", background)
+        be = _CountingBackend(hf_be)
+        out = tmp_path / f"bg{int(background)}"
+        s = cache(str(tiny_teacher), str(data), str(out), teacher_backend=be, **HT, **kw)
+        runs[background] = out, s, be.calls, written_on[:]
+        written_on.clear()
+    (seq, s_seq, calls, on_seq), (bg, s_bg, calls_bg, on_bg) = runs[False], runs[True]
+    assert s_bg["complete"] and s_bg["shards_written"] == s_seq["shards_written"] > 1
+    assert calls == calls_bg > s_bg["shards_written"]  # several engine calls per shard
+    assert set(on_seq) == {"MainThread"} and set(on_bg) == {"kdship-cache-writer"}  # the knob does what it says
+    _assert_bit_identical(_stored(seq), _stored(bg))
+    assert (seq / "rejects.jsonl").read_text() == (bg / "rejects.jsonl").read_text()
+    for key in ("samples", "positions", "targeted_positions", "generated_tokens", "rejects_by_reason", "missing_mass"):
+        assert s_seq[key] == s_bg[key], key
+    if mode == "generate":
+        assert s_bg["rejects_this_run"] > 0 and s_bg["samples"] > 0  # the filters did reject some, not all
+    assert s_bg["writer_busy_seconds"] > 0 and s_bg["writer_stall_seconds"] >= 0
+    assert s_seq["writer_stall_seconds"] >= s_seq["writer_busy_seconds"] > 0  # inline, the engine waits for all of it
+    assert not _writer_threads()
+
+
+@pytest.mark.timeout(300)  # a writer that died must not leave the engine thread blocked on a full queue
+def test_writer_error_stops_the_run_and_resume_completes_identically(tmp_path, tiny_teacher, corpus_dir, hf_be, monkeypatch, sequential_ref):
+    import traceback
+
+    import kdship.cache.run as run_mod
+    from kdship.store import StoreWriter
+
+    real_write = StoreWriter.write_shard
+    n = {"writes": 0}
+
+    def failing_write(self, index, *a, **kw):
+        n["writes"] += 1
+        if n["writes"] == 2:
+            raise RuntimeError(f"injected write fault on shard {index}")
+        return real_write(self, index, *a, **kw)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", failing_write)
+    out, be = tmp_path / "s", _CountingBackend(hf_be)
+    with pytest.raises(RuntimeError, match="injected write fault on shard 1") as err:
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), shard_size=1, teacher_backend=be, **HT)
+    # the writer thread's own frames are in the traceback re-raised on the caller's thread
+    assert "failing_write" in [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    assert _commits(out) == ["s000000.json"]  # shard 0 stays committed; nothing after the failed one
+    # the engine stopped promptly (one call, two messages per shard here): at most the queue's slack ahead
+    # of the failed shard 1, not all 15 shards
+    assert be.calls <= 2 + run_mod.WRITER_QUEUE
+    assert not _writer_threads() and n["writes"] == 2
+    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), shard_size=1, teacher_backend=hf_be, **HT)
+    assert s["complete"] and s["shards_skipped"] == 1 and s["shards_written"] == 14
+    _assert_bit_identical(sequential_ref, _stored(out))
+
+
+@pytest.mark.timeout(300)
+def test_engine_interrupt_commits_the_queued_shards_and_joins_the_writer(tmp_path, tiny_teacher, corpus_dir, hf_be, monkeypatch, sequential_ref):
+    """Ctrl-C (or any error) on the engine thread: the shards already queued whole are still committed,
+    the writer thread is joined before the exception leaves cache(), and a rerun completes the store."""
+    from kdship.store import StoreWriter
+
+    real_write = StoreWriter.write_shard
+
+    def slow_write(self, *a, **kw):  # the writer lags: shards 0 and 1 are still queued when the engine stops
+        time.sleep(1.0)
+        return real_write(self, *a, **kw)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", slow_write)
+    out = tmp_path / "s"
+    be = _CountingBackend(hf_be, fail_at=3, store=out)
+    with pytest.raises(KeyboardInterrupt, match="engine call 3 interrupted"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), shard_size=1, teacher_backend=be, **HT)
+    assert be.commits_at_fail == []  # nothing was committed yet when the engine thread stopped ...
+    assert not _writer_threads()
+    assert _commits(out) == ["s000000.json", "s000001.json"]  # ... the two shards queued whole were, before cache() returned
+    assert StoreReader(str(out)).complete is False
+    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), shard_size=1, teacher_backend=hf_be, **HT)
+    assert s["complete"] and s["shards_skipped"] == 2
+    _assert_bit_identical(sequential_ref, _stored(out))

@@ -30,9 +30,13 @@ summary reports its mean (``missing_mass``) and the header records K'.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import queue
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +240,6 @@ class _Teacher:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the teacher's compute dtype (vllm, hf)
-
 
 def _check_options(o: _Options) -> None:
     """Refuse bad combinations, naming the flag; fill the target kind's defaults (targets, top_k)."""
@@ -460,53 +463,132 @@ class _LazyBackend:
         return self.backend.seconds if isinstance(self.backend, _TimedBackend) else 0.0
 
 
+# Items (one engine call's results, or a shard's end) the engine thread may queue ahead of the writer.
+# A call's results are its raw candidates, up to MAX_ENTRIES_PER_CALL (~256 MB as numpy at 8 B each,
+# 270x its targets at K' = 4096), so in flight stay ~4 calls' worth: the engine's, 2 queued, the
+# writer's. Queueing whole shards instead would hold ~2 GB each with the defaults.
+WRITER_QUEUE = 2
+# Tests only: False runs the writer's work inline on the engine thread (the sequential reference).
+_BACKGROUND_WRITER = True
+
+
 def _write_shards(o: _Options, writer, todo, shard_bounds, items, rejects, backend_ref: _LazyBackend, k_store: int, t: _Teacher, projection=None):
     """Teacher targets (and, with ``projection``, projected hidden states) for every shard in ``todo``,
-    each written and committed before the next."""
-    stats = {"samples": 0, "positions": 0, "targeted_positions": 0, "generated_tokens": 0, "teacher_seconds": 0.0, "missing_mass_sum": 0.0, "target_rows": 0}
+    committed in order. This thread only calls the teacher; a background thread (``_ShardWriter``)
+    does the host work after each engine call (targets, filters, Shard.build, write + commit, stats),
+    overlapping the next call, so on a fast engine the store's writing does not stall it."""
+    # counted by the writer thread alone; the engine thread's timings are added after it is joined
+    stats = {"samples": 0, "positions": 0, "targeted_positions": 0, "generated_tokens": 0, "missing_mass_sum": 0.0, "target_rows": 0}
     reject_counts: dict[str, int] = {}
     filter_fn = _load_filter() if o.mode == "generate" and o.generation_filters else None
     bar = _Progress(len(todo), enabled=o.progress, label=f"kdship cache {o.mode} -> {o.out}")
     spec = _target_spec(o, k_store)
+    samples_out: list[dict[str, Any]] = []  # the shard being assembled, and its filter rejects (writer thread only)
+    filter_rejects: list[dict[str, Any]] = []
+
+    def host(msg) -> None:  # the writer thread: one engine call's host work, or a shard's end
+        s, work = msg
+        if work is not None:
+            samples, rej = work() if callable(work) else work
+            samples_out.extend(samples)
+            filter_rejects.extend(rej)
+            return
+        lo, hi = shard_bounds[s]
+        shard_rejects = [r for r in rejects if lo <= r["row"] < hi] + filter_rejects
+        shard = Shard.build(samples_out, writer.top_k, targets=o.targets, lp_width=writer.lp_width)
+        writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})
+        _exit_after_first_commit_for_tests(s)
+        stats["samples"] += shard.num_samples
+        stats["positions"] += shard.num_positions
+        targeted = shard.loss_mask & shard.has_target()
+        stats["targeted_positions"] += int(targeted.sum())
+        stats["missing_mass_sum"] += float(sum(x.get("_missing_mass", 0.0) for x in samples_out))
+        stats["target_rows"] += int(shard.has_target().sum())
+        stats["generated_tokens"] += int(shard.loss_mask.sum()) if o.mode == "generate" else 0
+        for r in shard_rejects:
+            key = r["reason"].split(":")[0]
+            reject_counts[key] = reject_counts.get(key, 0) + 1
+        bar.advance(shard.num_positions)
+        samples_out.clear()
+        filter_rejects.clear()
+
+    w = _ShardWriter(host, background=_BACKGROUND_WRITER)
+    teacher_seconds = 0.0
     try:
         for s in todo:
             lo, hi = shard_bounds[s]
             shard_items = [items[i] for i in range(lo, hi) if i in items]
-            shard_rejects = [r for r in rejects if lo <= r["row"] < hi]
-            t0 = time.time()
-            samples_out: list[dict[str, Any]] = []
+            t0, stall0 = time.perf_counter(), w.stall
             if shard_items:
                 be = backend_ref.get()
                 if o.mode == "score":
-                    samples_out = _score_items(be, shard_items, spec, o.sampled_candidates, o.seed, t.vocab)
+                    calls = _score_calls(be, shard_items, spec, o.sampled_candidates, o.seed, t.vocab)
                 else:
-                    samples_out, frej = _generate_items(
-                        be, shard_items, spec, o.samples, o.temperature, o.top_p, o.max_new_tokens, o.seed, o.sampled_candidates, t.vocab, t.tok,
-                        filter_fn, o.filter, o.min_new_tokens, o.max_response_tokens, o.dedupe, o.require_finished,
-                    )
-                    shard_rejects += frej
-                if projection is not None:
-                    from kdship.cache.hidden import attach_hidden_states
+                    calls = _generate_calls(be, shard_items, spec, o, t.vocab, t.tok, filter_fn)
+                for work in calls:
+                    if projection is not None:  # the second forward needs the targets' rows: their host work runs here first
+                        from kdship.cache.hidden import attach_hidden_states
 
-                    attach_hidden_states(be, samples_out, projection)
-            stats["teacher_seconds"] += time.time() - t0
-            shard = Shard.build(samples_out, writer.top_k, targets=o.targets, lp_width=writer.lp_width)
-            writer.write_shard(s, shard, rejects=shard_rejects, extra_attrs={"rows": [lo, hi]})
-            _exit_after_first_commit_for_tests(s)
-            stats["samples"] += shard.num_samples
-            stats["positions"] += shard.num_positions
-            targeted = shard.loss_mask & shard.has_target()
-            stats["targeted_positions"] += int(targeted.sum())
-            stats["missing_mass_sum"] += float(sum(x.get("_missing_mass", 0.0) for x in samples_out))
-            stats["target_rows"] += int(shard.has_target().sum())
-            stats["generated_tokens"] += int(shard.loss_mask.sum()) if o.mode == "generate" else 0
-            for r in shard_rejects:
-                key = r["reason"].split(":")[0]
-                reject_counts[key] = reject_counts.get(key, 0) + 1
-            bar.advance(shard.num_positions)
+                        work = work()
+                        attach_hidden_states(be, work[0], projection)
+                    w.put((s, work))
+            w.put((s, None))
+            teacher_seconds += time.perf_counter() - t0 - (w.stall - stall0)
     finally:
+        w.close()  # the shards queued whole are committed; one the engine did not finish is dropped
         bar.close()
+    if w.error is not None:  # the writer failed on the last shard: the loop above did not see it
+        raise w.error
+    stats.update(teacher_seconds=teacher_seconds, writer_stall_seconds=w.stall, writer_busy_seconds=w.busy)
     return stats, reject_counts
+
+
+class _ShardWriter:
+    """``handle(msg)`` for every message put, in order, on one background thread fed by a bounded
+    queue (WRITER_QUEUE), or inline with ``background=False``. ``stall``: seconds the putting thread
+    waited on it (a full queue; inline, all of the work); ``busy``: seconds inside ``handle``.
+    An error in ``handle`` is kept and raised by the next ``put``; the messages after it are dropped."""
+
+    def __init__(self, handle, background: bool = True):
+        self.handle, self.error, self.stall, self.busy = handle, None, 0.0, 0.0
+        self.thread = None
+        if background:
+            self.q: queue.Queue = queue.Queue(maxsize=WRITER_QUEUE)
+            # daemon: should the process exit without close() (a second Ctrl-C in it), the thread must
+            # not keep it alive; a write cut short is never committed (kdship.store) and is redone on resume
+            self.thread = threading.Thread(target=self._run, name="kdship-cache-writer", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while (msg := self.q.get()) is not None:
+            if self.error is None:  # after an error the queue is still drained, so a put never blocks for good
+                t = time.perf_counter()
+                try:
+                    self.handle(msg)
+                except BaseException as e:  # noqa: BLE001 - raised again on the engine thread
+                    self.error = e
+                self.busy += time.perf_counter() - t
+
+    def put(self, msg) -> None:
+        if self.error is not None:
+            raise self.error
+        t = time.perf_counter()
+        if self.thread is None:
+            self.handle(msg)
+            self.busy += time.perf_counter() - t
+        else:
+            self.q.put(msg)
+        self.stall += time.perf_counter() - t
+
+    def close(self) -> None:
+        """Let the thread finish what is queued, then join it. Where an exception of the engine thread
+        is on its way out, an error of the writer's own is logged rather than lost."""
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join()
+        pending = sys.exc_info()[1]
+        if self.error is not None and pending is not None and pending is not self.error:
+            log.error("the shard writer failed as well: %r", self.error)
 
 
 TEST_EXIT_AFTER_COMMIT = "KDSHIP_TEST_EXIT_AFTER_COMMIT"
@@ -555,6 +637,10 @@ def _summary(o: _Options, stats, reject_counts, backend_ref: _LazyBackend, t_sta
     busy = elapsed - backend_ref.build_seconds
     summary["writer_overhead_fraction"] = round(1 - summary["backend_seconds"] / busy, 3) if summary["backend_seconds"] and busy > 0 else None
     summary["teacher_seconds"] = round(summary["teacher_seconds"], 2)
+    # the background shard writer (_write_shards): seconds the engine thread waited on it (a full queue:
+    # the stall the store's writing imposed on the teacher, ~0 when writing keeps up) and its own busy seconds
+    summary["writer_stall_seconds"] = round(summary["writer_stall_seconds"], 2)
+    summary["writer_busy_seconds"] = round(summary["writer_busy_seconds"], 2)
     # headtail with vLLM: mean residual mass per row beyond the top-K' candidates (never drawn; one bucket)
     missing, rows_t = summary.pop("missing_mass_sum"), summary.pop("target_rows")
     if o.targets == "headtail":
@@ -740,36 +826,46 @@ def _bounded_groups(items: list, entries: list[int]):
         yield group
 
 
-def _score_items(be, items, spec: TargetSpec, sampled_candidates, seed, vocab):
+def _score_calls(be, items, spec: TargetSpec, sampled_candidates, seed, vocab):
+    """Score mode, one engine call at a time: yields each call's host work, a callable that returns
+    its sample dicts (targets per sequence) and rejects (none), for the shard writer's thread."""
     kc = _candidates_k(be, spec, sampled_candidates, vocab)
     own = spec.kind == "headtail"
-    out = []
     for chunk in _bounded_groups(items, [len(it["tokens"]) * kc for it in items]):
         res = be.score([it["tokens"].tolist() for it in chunk], kc, **({"with_token_logprobs": True} if own else {}))
-        for it, r in zip(chunk, res):
-            ids, lps = r[0], r[1]
-            tgt = _targets_for(ids, lps, spec, _sample_rng(seed, it["row"].index, 0), it["tokens"], r[2] if own else None)
-            out.append({"tokens": it["tokens"], "loss_mask": it["mask"], "sample_index": it["row"].index, **tgt})
-    return out
+        yield functools.partial(_scored_samples, chunk, res, spec, seed, own)
 
 
-def _generate_items(be, items, spec: TargetSpec, samples, temperature, top_p, max_new_tokens, seed, sampled_candidates, vocab, tok,
-                    filter_fn, filter_name, min_new_tokens, max_response_tokens, dedupe, require_finished):
-    kc = _candidates_k(be, spec, sampled_candidates, vocab)
-    gens = []
-    for chunk in _bounded_groups(items, [samples * max_new_tokens * kc] * len(items)):
+def _scored_samples(chunk, res, spec: TargetSpec, seed, own):
+    out = []
+    for it, r in zip(chunk, res):
+        ids, lps = r[0], r[1]
+        tgt = _targets_for(ids, lps, spec, _sample_rng(seed, it["row"].index, 0), it["tokens"], r[2] if own else None)
+        out.append({"tokens": it["tokens"], "loss_mask": it["mask"], "sample_index": it["row"].index, **tgt})
+    return out, []
+
+
+def _generate_calls(be, items, spec: TargetSpec, o: _Options, vocab, tok, filter_fn):
+    """Generate mode, one engine call at a time: yields each call's host work (filters, then targets of
+    the kept generations), as ``_score_calls``."""
+    kc = _candidates_k(be, spec, o.sampled_candidates, vocab)
+    for chunk in _bounded_groups(items, [o.samples * o.max_new_tokens * kc] * len(items)):
         prompts = [it["tokens"].tolist() for it in chunk]
-        seeds = [_row_seed(seed, it["row"].index) for it in chunk]
-        gens += be.generate(prompts, kc, samples, temperature, top_p, max_new_tokens, seeds)
+        seeds = [_row_seed(o.seed, it["row"].index) for it in chunk]
+        gens = be.generate(prompts, kc, o.samples, o.temperature, o.top_p, o.max_new_tokens, seeds)
+        yield functools.partial(_generated_samples, chunk, gens, spec, kc, o, tok, filter_fn)
+
+
+def _generated_samples(items, gens, spec: TargetSpec, kc, o: _Options, tok, filter_fn):
     out, rejects = [], []
     for it, row_gens in zip(items, gens):
         idx = list(range(len(row_gens)))
         if filter_fn is not None:
-            texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in row_gens] if filter_name == "answer-match" else None
+            texts = [tok.decode(g.token_ids, skip_special_tokens=True) for g in row_gens] if o.filter == "answer-match" else None
             try:
                 res = filter_fn(
-                    _row_record(it["row"]), row_gens, texts, row_index=it["row"].index, answer_match=(filter_name == "answer-match"),
-                    min_new_tokens=min_new_tokens, max_new_tokens=max_response_tokens, dedupe=dedupe, require_finished=require_finished,
+                    _row_record(it["row"]), row_gens, texts, row_index=it["row"].index, answer_match=(o.filter == "answer-match"),
+                    min_new_tokens=o.min_new_tokens, max_new_tokens=o.max_response_tokens, dedupe=o.dedupe, require_finished=o.require_finished,
                 )
             except ValueError as e:  # FilterError: the row lacks what the filter needs
                 raise CacheError(f"{it['row'].source}: {e}") from e
@@ -790,7 +886,7 @@ def _generate_items(be, items, spec: TargetSpec, samples, temperature, top_p, ma
                 if g.token_logprobs is not None:
                     own[P:] = g.token_logprobs
             tokens = np.concatenate([it["tokens"], np.asarray(g.token_ids, np.int32)])
-            tgt = _targets_for(ids, lps, spec, _sample_rng(seed, it["row"].index, j), tokens, own)
+            tgt = _targets_for(ids, lps, spec, _sample_rng(o.seed, it["row"].index, j), tokens, own)
             mask = np.zeros(P + G, bool)
             mask[P:] = True
             out.append({"tokens": tokens, "loss_mask": mask, "sample_index": it["row"].index, **tgt})
