@@ -51,6 +51,10 @@ from kdship.demo.pipeline import env_defaults  # noqa: E402  (vLLM in-process, a
 env_defaults()
 
 
+MAIN_PASSAGES = 640  # the fidelity table's training set; other sizes feed the fidelity-vs-tokens section
+TOKENS_STORES = ("default", "16 draws, fkl only")  # the stores the tokens section follows (besides online KD)
+
+
 def split_passages(n_train: int, n_held: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint training and held-out passages (held-out first in the shuffled order)."""
     from kdship.demo.assets import shakespeare_passages
@@ -231,7 +235,7 @@ def rest_mass_error(teacher: str, store: Path, n_samples: int = 12) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--train-passages", type=int, default=640)
+    ap.add_argument("--train-passages", type=int, default=MAIN_PASSAGES)
     ap.add_argument("--heldout-passages", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-tokens", type=int, default=1024)
@@ -241,6 +245,9 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="comma-separated subset of variant names (for timing probes)")
     ap.add_argument("--no-md", action="store_true", help="do not write the results file (probes)")
     ap.add_argument("--md-only", action="store_true", help="rewrite the results file from the saved results of these settings")
+    ap.add_argument("--tokens", action="store_true",
+                    help="the fidelity-vs-tokens set: full-logit online KD, the default store and the 16-draw fkl-only store only (run it with "
+                         f"--train-passages 2x/4x {MAIN_PASSAGES}: the held-out passages stay the same, the training set grows and gets fresh draws)")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     import torch
@@ -266,61 +273,72 @@ def main() -> None:
         print("pruned:", {k: info[k] for k in ("kept_layers", "strategy", "student_params")}, flush=True)
     prune_info = json.loads((student0 / "kdship_prune.json").read_text())
 
-    head, draws, cands = TOP_K_DEFAULT["headtail"], CACHE_DEFAULTS["draws"], CACHE_DEFAULTS["sampled_candidates"]
-    ce_default = bool(CACHE_DEFAULTS["certain_exact"])
-    dl_default = bool(CACHE_DEFAULTS["draw_logprobs"])
-    pw_default = float(CACHE_DEFAULTS["draw_power"])
-    fo_default, fd_default = int(CACHE_DEFAULTS["far_oversample"]), int(CACHE_DEFAULTS["far_draws"])
+    from kdship.cache.run import headtail_defaults
+
+    head, cands = TOP_K_DEFAULT["headtail"], CACHE_DEFAULTS["sampled_candidates"]
+    # kdship cache's default store now: headtail without the draws' logprobs unless the default says otherwise
+    dl_default = CACHE_DEFAULTS["draw_logprobs"] is not None and bool(CACHE_DEFAULTS["draw_logprobs"])
+    hd = headtail_defaults(dl_default)
+    ce_default, pw_default = bool(CACHE_DEFAULTS["certain_exact"]), float(CACHE_DEFAULTS["draw_power"])
     stores: dict[str, dict] = {"k50": dict(top_k=50, targets="topk")}
 
-    def vllm_headtail(n: int = draws, k: int = cands, ce: bool = ce_default, dl: bool = dl_default, pw: float = pw_default,
-                      fo: int = fo_default, fd: int = fd_default) -> str:
+    def vllm_headtail(n: int = 8, k: int = cands, ce: bool = False, dl: bool = True, pw: float = 1.0, fo: int = 1, fd: int = 2) -> str:
         """The key of a vLLM headtail store with N draws, K' candidates, --certain-exact and --draw-logprobs
         on or off, registered with every one of those options spelled out: a key says what its store is,
-        whatever the defaults are when it is (re)built."""
+        whatever the defaults are when it is (re)built. Unnamed options are the plain 8-draw store with the
+        draws' logprobs (the default until the fkl-only store replaced it), as the probes were measured."""
         key = f"headtail_h{head}_n{n}_c{k}" + ("_ce" if ce else "") + ("" if dl else "_nolp") + ("" if pw == 1.0 else f"_pw{pw:g}")
         key += "" if fo == 1 else f"_far{fd}x{fo}"
         stores[key] = dict(top_k=head, targets="headtail", draws=n, sampled_candidates=k, certain_exact=ce, draw_logprobs=dl, draw_power=pw,
                            far_oversample=fo, far_draws=fd)
         return key
 
-    ht = vllm_headtail()
+    def describe(n: int, k: int = cands, ce: bool = False, dl: bool = True, fo: int = 1, fd: int = 2) -> str:
+        return (f"headtail h={head} + {n} draws (vLLM K'={k}" + (", certain draws exact" if ce else "") + ("" if dl else "; --no-draw-logprobs: fkl only")
+                + ("" if fo == 1 else f"; --far-oversample {fo} --far-draws {fd}") + ")")
+
+    ht_opts = dict(n=hd["draws"], ce=ce_default, dl=dl_default, fo=hd["far_oversample"], fd=hd["far_draws"])
+    ht = vllm_headtail(**ht_opts, pw=pw_default)
+    eight = vllm_headtail()  # the 8-draw store with the draws' logprobs: every divergence trains from it (--draw-logprobs)
     # (name, store key, how): most important first; partial results are written after every student
-    base = [("full-logit online KD", ht, "online"), (f"kdship default: headtail h={head} + {draws} draws (vLLM K'={cands}{', certain draws exact' if ce_default else ''})", ht, "bucket"),
+    base = [("full-logit online KD", ht, "online"), (f"kdship default: {describe(**ht_opts)}", ht, "bucket"),
             ("DistillKit budget scheme (k=50 poly, tail bucket)", "distillkit", "bucket")]
     # the default store and its reference on every seed first, DistillKit's scheme last (one seed decides
     # it when the gap is wide; the script continues where a session stopped)
     variants = [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[:2]] + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[2:]]
     # probes (only when named in --variants): where the default's gap to full-logit KD comes from
     other_k = 1024 if cands != 1024 else 4096  # the far term: the default's K' against another
-    stores["ht_hf"] = dict(top_k=head, targets="headtail", draws=draws, backend="hf")
+    stores["ht_hf"] = dict(top_k=head, targets="headtail", draws=8, backend="hf")
     stores["ht_hf_n32"] = dict(top_k=head, targets="headtail", draws=32, backend="hf")
     stores["k1024_hf"] = dict(top_k=1024, targets="topk", backend="hf")
     # exact draws and 32 of them ask whether the gap to full-logit KD is the draws' noise (it shrinks with
     # 4x the draws) or sits elsewhere (a near-exact top-1024 target would still show it)
-    probes = [("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
+    probes = [(f"probe: {describe(8)}, --draw-logprobs: every divergence (the default store until the fkl-only one)", eight, "bucket"),
+              ("probe: headtail with exact draws (--backend hf, nothing beyond reach)", "ht_hf", "bucket"),
               (f"probe: headtail h={head} + 16 draws (vLLM K'={cands})", vllm_headtail(n=16), "bucket"),
-              (f"probe: default store, beyond bucket against the student's own top-{cands} complement", ht, "bucket_far"),
+              ("probe: 8-draw store, beyond bucket against the student's own top-{cands} complement", eight, "bucket_far"),
               ("probe: headtail with 32 exact draws (--backend hf)", "ht_hf_n32", "bucket"),
               ("probe: top-1024 exact (--backend hf), tail bucket", "k1024_hf", "bucket"),
-              ("probe: default store, plain importance-sampled draws (--draw-estimator is)", ht, "is"),
-              ("probe: default store, control-variate draws (--draw-estimator cv)", ht, "cv"),
+              ("probe: 8-draw store, plain importance-sampled draws (--draw-estimator is)", eight, "is"),
+              ("probe: 8-draw store, control-variate draws (--draw-estimator cv)", eight, "cv"),
               ("probe: headtail with exact draws (--backend hf), control-variate draws", "ht_hf", "cv"),
-              (f"probe: headtail h={head} + {draws} draws (vLLM K'={other_k})", vllm_headtail(k=other_k), "bucket"),
-              (f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --{'no-' if ce_default else ''}certain-exact)",
-               vllm_headtail(ce=not ce_default), "bucket")]
+              (f"probe: headtail h={head} + 8 draws (vLLM K'={1024})", vllm_headtail(k=1024), "bucket"),
+              (f"probe: headtail h={head} + 8 draws (vLLM K'={cands}, --certain-exact)", vllm_headtail(ce=True), "bucket")]
     # without the draws' logprobs (fkl and CE only): the same draws train the same student (fkl's gradient
     # needs no draw logprob), so the bytes saved buy more draws at the default's size
-    probes += [(f"probe: headtail h={head} + {n} draws (vLLM K'={cands}, --no-draw-logprobs: fkl only)", vllm_headtail(n=n, dl=False), "bucket")
-               for n in (16, 18)]
+    probes += [(f"probe: {describe(n, dl=False)}", vllm_headtail(n=n, dl=False), "bucket") for n in (16, 18)]
     # draws from the residual raised to a power < 1 (flatter: more of them in the far tail), self-normalised weights
-    probes += [(f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}, --draw-power 0.5)", vllm_headtail(pw=0.5), "bucket")]
+    probes += [(f"probe: headtail h={head} + 8 draws (vLLM K'={cands}, --draw-power 0.5)", vllm_headtail(pw=0.5), "bucket")]
     # stratified: 2 of the 8 draws on the residual's last 10 % of mass (3x as dense), unbiased (counts encode it)
-    probes += [(f"probe: headtail h={head} + {draws} draws (vLLM K'={cands}; --far-oversample 3 --far-draws 2)", vllm_headtail(fo=3, fd=2), "bucket")]
-    # both: an fkl-only store at the default's size with its far tail oversampled
-    probes += [(f"probe: headtail h={head} + {n} draws (vLLM K'={cands}; --no-draw-logprobs: fkl only; --far-oversample 3 --far-draws 4)",
-                vllm_headtail(n=n, dl=False, fo=3, fd=4), "bucket") for n in (17, 16)]
-    if a.variants:
+    probes += [(f"probe: {describe(8, fo=3, fd=2)}", vllm_headtail(fo=3, fd=2), "bucket")]
+    # both: an fkl-only store at the default's size with its far tail oversampled; (draws, oversampling, far draws) scanned
+    probes += [(f"probe: {describe(n, dl=False, fo=fo, fd=fd)}", vllm_headtail(n=n, dl=False, fo=fo, fd=fd), "bucket")
+               for n, fo, fd in ((17, 3, 4), (16, 3, 4), (16, 5, 4), (16, 3, 6))]
+    sixteen = vllm_headtail(n=16, dl=False)  # the 16-draw fkl-only store (plain draws): the tokens section's second store
+    if a.tokens:  # online KD, the default store, the 16-draw store: the fidelity-vs-tokens set
+        variants = [(n, sk, how, sd) for sd in seeds for (n, sk, how) in base[:2]]
+        variants += [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes if sk == sixteen and how == "bucket"]
+    if a.variants and not a.tokens:
         want = [v.strip() for v in a.variants.split(",")]
         variants = [v for v in variants + [(n, sk, how, sd) for sd in seeds for (n, sk, how) in probes] if any(v[0].startswith(w) for w in want)]
     # the default store is not part of the settings: its rows are named by what it is (h, N, K'), so a new
@@ -332,7 +350,7 @@ def main() -> None:
     state = json.loads(done_file.read_text()) if done_file.is_file() else {"settings": settings, "rows": [], "stores": {}}
     # a store's rows keep their numbers when the defaults move: a row is (store, how); its name is
     # what that is called now (e.g. the old default store becomes a probe)
-    called = {(f"store{a.train_passages}_{sk}", how): n for n, sk, how in base + probes if how != "online"}
+    called = {(f"store{a.train_passages}_{sk}", how): n for n, sk, how in probes + base if how != "online"}  # the default's name wins
     for r in state["rows"]:
         now = called.get((r.get("store"), r.get("how", "bucket"))) if r.get("bytes") is not None else None
         if now and now != r["name"]:
@@ -340,7 +358,9 @@ def main() -> None:
             r["name"] = now
     done = {(r["name"], r["seed"]): r for r in state["rows"]}
     state["default_store"] = ht  # kdship cache's defaults now (the rows name theirs)
+    state["tokens_stores"] = {"default": ht, "16 draws, fkl only": sixteen}
     names = [n for n, _, _ in base]
+    main_md = a.train_passages == MAIN_PASSAGES  # other sizes write the tokens section only (and keep the main table)
 
     held_ids = [tok(t)["input_ids"] for t in held_texts]
     if a.md_only:
@@ -348,7 +368,9 @@ def main() -> None:
             if st.get("backend") != "derived" and (WORK / sname).is_dir():
                 state["stores"][sname] = store_info(WORK / sname, {k: st.get(k) for k in ("cache_s", "backend", "missing_mass")})
         c = state["context"]
-        write_md(state, c["kl0"], prune_info, a, names, seeds, c["held_positions"], c["wall_s"], c["mass"])
+        if main_md:
+            write_md(state, c["kl0"], prune_info, a, names, seeds, c["held_positions"], c["wall_s"], c["mass"])
+        write_tokens_md(settings, seeds)
         return
     t0 = time.time()
     t_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -410,8 +432,10 @@ def main() -> None:
         print(row, flush=True)
         done_file.write_text(json.dumps(state, indent=1))
         shutil.rmtree(run / "final", ignore_errors=True)  # 200 MB each; the number is what is kept
-        if not a.no_md:
+        if not a.no_md and main_md:
             write_md(state, kl0, prune_info, a, names, seeds, held_positions, state["context"]["wall_s"], mass)
+        if not a.no_md:
+            write_tokens_md(settings, seeds)
     print(f"total {time.time() - t_all:.0f} s", flush=True)
 
 
@@ -517,13 +541,99 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
     print("\n".join(lines), flush=True)
 
 
+def write_tokens_md(settings: dict, seeds: list[int]) -> None:
+    """bench/results/train_fidelity_tokens.md + .png: held-out KL ÷ full-logit online KD against training
+    tokens, from every saved state whose settings differ from ``settings`` in the training passages only
+    (the held-out passages are the same; a larger training set holds the smaller one, with its own draws)."""
+    states = []
+    for f in sorted(STATE_DIR.glob("fidelity_*.json")):
+        st = json.loads(f.read_text())
+        if {k: v for k, v in st["settings"].items() if k != "n"} == {k: v for k, v in settings.items() if k != "n"}:
+            states.append(st)
+    states.sort(key=lambda st: st["settings"]["n"])
+    if not any(st["settings"]["n"] != MAIN_PASSAGES for st in states):
+        return  # one size only: nothing to plot yet
+    base_n = MAIN_PASSAGES
+    series: dict[str, dict[int, dict[int, float]]] = {}  # store label -> passages -> seed -> ratio
+    tokens: dict[int, int] = {}
+    for st in states:
+        n = st["settings"]["n"]
+        keys = st.get("tokens_stores") or {}
+        rows = st["rows"]
+        ref = {r["seed"]: r for r in rows if r.get("how") == "online" or (r.get("bytes") is None and r["name"].startswith("full-logit"))}
+        if ref:
+            tokens[n] = next(iter(ref.values()))["tokens"]
+        for label in TOKENS_STORES:
+            sname = f"store{n}_{keys.get(label)}"
+            for r in rows:
+                if r.get("store") == sname and r.get("how", "bucket") == "bucket" and r["bytes"] is not None and r["seed"] in ref:
+                    series.setdefault(label, {}).setdefault(n, {})[r["seed"]] = r["kl"] / ref[r["seed"]]["kl"]
+    ns = sorted(tokens)
+    lines = ["# Fidelity against training tokens (SmolLM2-135M teacher)", "",
+             f"By `bench/train_fidelity_smollm2.py --tokens --train-passages N` (N = {', '.join(map(str, ns))}; the same held-out passages, "
+             f"student, epochs ({settings['e']}), batch and lr as the table above, whose {base_n} passages are 1x). Held-out KL ÷ full-logit online "
+             "KD's on the same seed and passages; a gap that is the draws' noise shrinks as the training set (and so the number of distinct draws "
+             "per kind of context) grows, a bias does not.", "",
+             "| store | " + " | ".join(f"{n / base_n:g}x ({tokens[n]:,} tokens) seeds {', '.join(map(str, seeds))}" for n in ns) + " |",
+             "|---|" + "---|" * len(ns)]
+    for label in TOKENS_STORES:
+        cells = []
+        for n in ns:
+            got = series.get(label, {}).get(n, {})
+            cells.append(" / ".join(f"{got[sd]:.4f}" if sd in got else "-" for sd in seeds))
+        lines.append(f"| {label} (`{(states[-1].get('tokens_stores') or {}).get(label)}`) | " + " | ".join(cells) + " |")
+    online = {st["settings"]["n"]: [r["kl"] for r in st["rows"] if r["name"].startswith("full-logit")] for st in states}
+    lines.append("| full-logit online KD, held-out KL itself | " + " | ".join(" / ".join(f"{k:.4f}" for k in online.get(n, [])) or "-" for n in ns) + " |")
+    missing = [n for n in ns if any(len(series.get(label, {}).get(n, {})) < len(seeds) for label in TOKENS_STORES)]
+    if missing:
+        lines += ["", f"Not yet complete on every seed at {', '.join(f'{n / base_n:g}x' for n in missing)} (the script continues where it stopped)."]
+    png = RESULTS / "train_fidelity_tokens.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for label, marker in zip(TOKENS_STORES, "os"):
+            pts = [(tokens[n], r) for n in ns for r in series.get(label, {}).get(n, {}).values()]
+            means = [(tokens[n], sum(v.values()) / len(v)) for n in ns if (v := series.get(label, {}).get(n))]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, alpha=0.5)
+                ax.plot(*zip(*means), marker=marker, label=label)
+        ax.axhline(1.01, color="grey", ls="--", lw=0.8, label="goal 1.01")
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training tokens (passages x epochs)")
+        ax.set_ylabel("held-out KL ÷ full-logit online KD")
+        ax.set_title("SmolLM2-135M: store fidelity vs training tokens")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        lines += ["", f"![ratio vs tokens]({png.name}) (`{png.name}`: each seed a dot, the mean a line)."]
+    except ImportError:
+        pass
+    (RESULTS / "train_fidelity_tokens.md").write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_all import combine_area
+
+    combine_area("train")
+    print("\n".join(lines), flush=True)
+
+
 def verdict(means: dict, names: list[str], state: dict) -> str:
     ref, ours, dk = (means.get(n) for n in names)
     if not ref or not ours:
         return "Goals: not yet measured on both seeds."
     ht_b = (state["stores"].get(f"store{state['settings']['n']}_{state['default_store']}") or {}).get("bytes")
-    r = ours / ref
-    out = f"Goal (default store ÷ full-logit <= 1.01 at <= 48 bytes/position): {r:.4f} at {ht_b} B, {'met' if r <= 1.01 and ht_b <= 48 else 'not met'}."
+    by = {(r["name"], r["seed"]): r["kl"] for r in state["rows"]}
+    seeds = sorted({sd for (n, sd) in by if n == names[0]})
+    per_seed = [by[(names[1], sd)] / by[(names[0], sd)] for sd in seeds if (names[1], sd) in by]
+    worst = max(per_seed) if per_seed else ours / ref
+    out = (f"Goal (issue 28: the default store ÷ full-logit <= 1.04 on every seed at <= 48 bytes/position): "
+           f"{' / '.join(f'{x:.4f}' for x in per_seed)} at {ht_b} B, {'met' if worst <= 1.04 and ht_b <= 48 else 'not met'} "
+           "(<= 1.01 is asked at 4x the training tokens: bench/results/train_fidelity_tokens.md).")
     if dk:
         dk_b = next(v["bytes"] for k, v in state["stores"].items() if k.endswith("_distillkit"))
         out += (f" Against DistillKit's scheme (÷ full-logit {dk / ref:.4f} at {dk_b} B): {ht_b / dk_b:.2f}x its bytes at "

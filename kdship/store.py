@@ -221,6 +221,49 @@ def draw_logprobs_stored(header: dict[str, Any]) -> bool:
     return (header.get("target_sampling") or {}).get("draw_logprobs", True) is not False
 
 
+def headtail_draw_flags(header: dict[str, Any]) -> list[str]:
+    """The ``kdship cache`` flags that draw as this headtail store's draws were drawn, every one spelled
+    out (a later change of kdship's defaults cannot change what they mean); [] for other target kinds."""
+    ts = header.get("target_sampling") or {}
+    if header.get("targets") != "headtail" or "draws" not in ts:
+        return []
+    flags = ["--draws", str(ts["draws"]), "--certain-exact" if ts.get("certain_exact") else "--no-certain-exact",
+             "--no-draw-logprobs" if ts.get("draw_logprobs") is False else "--draw-logprobs"]
+    if "draw_power" in ts:
+        flags += ["--draw-power", str(ts["draw_power"])]
+    flags += ["--far-oversample", str(ts.get("far_oversample", 1))]  # absent: written before stratified draws, plain
+    if "far_oversample" in ts:
+        flags += ["--far-draws", str(ts["far_draws"])]
+    return flags
+
+
+def recache_command(header: dict[str, Any], out: str, *flags: str) -> str:
+    """The ``kdship cache`` command that writes a store like the one ``header`` describes -- same teacher,
+    data (its file name: the header records no path), mode, target kind, head, candidates, length limit,
+    seed and generation settings -- with ``flags`` added: how a refusal spells out its fix."""
+    import shlex
+
+    ts = header.get("target_sampling") or {}
+    cmd = ["kdship", "cache", str((header.get("teacher") or {}).get("name_or_path", "TEACHER")), str((header.get("data") or {}).get("name", "DATA")),
+           "--out", out, "--mode", str(header.get("mode", "score")), "--targets", str(header.get("targets"))]
+    if header.get("top_k") is not None:
+        cmd += ["--top-k", str(header["top_k"])]
+    if ts.get("exact"):
+        cmd += ["--backend", "hf"]
+    elif isinstance(ts.get("candidates"), int):
+        cmd += ["--sampled-candidates", str(ts["candidates"])]
+    if header.get("max_length") is not None:
+        cmd += ["--max-length", str(header["max_length"]), "--overflow", str(header.get("overflow", "error"))]
+    sampling = header.get("sampling") or {}
+    seed = sampling.get("seed", ts.get("seed"))
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    for key, flag in (("samples", "--samples"), ("temperature", "--temperature"), ("top_p", "--top-p"), ("max_new_tokens", "--max-new-tokens")):
+        if key in sampling:
+            cmd += [flag, str(sampling[key])]
+    return " ".join(shlex.quote(c) for c in cmd + list(flags))
+
+
 def exact_entries_width(head: int, draws: int, certain_exact: bool) -> int:
     """The most exact entries a headtail row can hold: h, plus N - 1 certain draws with --certain-exact
     (the width of ``target_logprobs`` in a store without the draws' logprobs)."""

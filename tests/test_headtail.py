@@ -32,16 +32,17 @@ def _forward_logprobs(teacher, tokens):
 @pytest.fixture(scope="module")
 def ht_store(tmp_path_factory, tiny_teacher, corpus_dir):
     out = tmp_path_factory.mktemp("ht") / "store"
-    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
+    summary = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False,
+                    draw_logprobs=True)  # the store every divergence trains from (the default keeps no draw logprob)
     return out, summary
 
 
 @pytest.fixture(scope="module")
 def ht_lean_store(tmp_path_factory, tiny_teacher, corpus_dir):
-    """The ht_store's settings with --no-draw-logprobs."""
+    """The ht_store's settings with --no-draw-logprobs (and its plain draws: the same draws)."""
     out = tmp_path_factory.mktemp("ht_lean") / "store"
     cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False,
-          draw_logprobs=False)
+          draw_logprobs=False, far_oversample=1)
     return out
 
 
@@ -53,6 +54,8 @@ def check_against_forward(store, teacher, head, draws, n_samples=3, candidates=N
     largest tokens, each one the draws left were certain to hit."""
     r = StoreReader(str(store))
     certain_exact = bool(r.header["target_sampling"].get("certain_exact"))
+    far_k, far_f = int(r.header["target_sampling"].get("far_oversample", 1)), int(r.header["target_sampling"].get("far_draws", 0))
+    lean = r.header["target_sampling"].get("draw_logprobs") is False
     worst = 0.0
     sh = r.read_shard(r.shard_paths[0])
     for i in range(min(n_samples, sh.num_samples)):
@@ -80,7 +83,10 @@ def check_against_forward(store, teacher, head, draws, n_samples=3, candidates=N
                     assert (draws - k) * np.exp(lp[j - 1][v]) >= left * (1 - 1e-3)
                     left -= float(np.exp(lp[j - 1][v]))
                 assert len(extra) < draws  # one draw always left for the rest
-            np.testing.assert_allclose(tl[valid], lp[j - 1][ids[valid]], atol=LP_TOL)
+            if lean:  # only the exact entries' logprobs, packed in their (ascending id) order
+                np.testing.assert_allclose(tl[: len(exact_ids)], lp[j - 1][exact_ids], atol=LP_TOL)
+            else:
+                np.testing.assert_allclose(tl[valid], lp[j - 1][ids[valid]], atol=LP_TOL)
             in_head = tok in exact_ids
             want_tok = 0.0 if in_head else lp[j - 1][tok]
             assert sh.token_logprob[row] == pytest.approx(want_tok, abs=LP_TOL)
@@ -94,7 +100,9 @@ def check_against_forward(store, teacher, head, draws, n_samples=3, candidates=N
                 cands = set(np.argsort(-lp[j - 1])[:candidates].tolist())
                 beyond = float(np.exp(lp[j - 1][sorted(set(range(lp.shape[1])) - cands - exact)]).sum())
                 assert np.exp(np.float64(sh.beyond_logmass[row])) == pytest.approx(beyond, abs=1e-3)
-            assert int(cnt.sum()) == (draws - len(extra) if true_rest - beyond > 1e-9 else 0)
+            # stratified draws (--far-oversample k --far-draws f): a near hit counts k, a far one 1
+            want_count = far_k * (draws - far_f) + far_f if far_k > 1 else draws - len(extra)
+            assert int(cnt.sum()) == (want_count if true_rest - beyond > 1e-9 else 0)
             # the trainer's view: exact entries + data token + draws, weights summing to ~1 - beyond
             assert sh.target_weights[row].sum() == pytest.approx(1.0 - beyond, abs=2e-3)
     return worst
@@ -116,7 +124,7 @@ def test_certain_exact_store_matches_transformers_forward(tmp_path, tiny_teacher
     from kdship.cache.run import CacheError
 
     out = tmp_path / "ce"
-    args = dict(backend="hf", dtype="float32", top_k=2, draws=8, shard_size=4, progress=False)
+    args = dict(backend="hf", dtype="float32", top_k=2, draws=8, shard_size=4, progress=False, draw_logprobs=True)
     s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), certain_exact=True, **args)
     assert s["complete"]
     assert StoreReader(str(out)).header["target_sampling"]["certain_exact"] is True
@@ -211,9 +219,20 @@ def test_store_without_draw_logprobs_trains_fkl_as_the_full_store(ht_store, ht_l
         est.sum().backward()
         grads.append(zz.grad)
     torch.testing.assert_close(grads[0], grads[1])
-    for bad, match in ((dict(loss="rkl"), "--no-draw-logprobs"), (dict(draw_estimator="cv"), "--draw-estimator cv")):
+    for bad, match in ((dict(loss="rkl"), "--loss rkl.*kdship cache .*--draw-logprobs"), (dict(draw_estimator="cv"), "--draw-estimator cv.*--draw-logprobs")):
         with pytest.raises(TrainError, match=match):
             train(str(lean), student=str(tiny_teacher), out=str(tmp_path / "t"), max_steps=1, progress=False, **bad)
+    # held-out KL: from the lean store the exact entries alone (one rest category), never the draws, whose
+    # logprob slot holds log w; from the full store the weighted estimate as before
+    from kdship.train.loader import StoreLoader
+
+    ev_l, ev_f = (StoreLoader(str(st), 4096, seed=0, heldout_fraction=0.5, eval_samples=8).eval_batches()[0].rows for st in (lean, full))
+    assert ev_l.target_weights is None and ev_f.target_weights is not None
+    kept, stored = ev_l.topk_ids >= 0, ev_f.topk_ids >= 0
+    assert (kept <= stored).all() and kept.sum() < stored.sum()  # the draws are gone, nothing else
+    torch.testing.assert_close(ev_l.topk_ids[kept], ev_f.topk_ids[kept])
+    torch.testing.assert_close(ev_l.topk_logprobs[kept], ev_f.topk_logprobs[kept])
+    torch.testing.assert_close(ev_f.target_weights[kept], ev_f.topk_logprobs[kept].exp())  # what is kept is exact: w = p
     info = inspect_store(str(lean))
     assert info["headtail"]["draw_logprobs"] is False and "not stored" in format_report(info)
     assert info["bytes_per_position_by_array"]["target_logprobs"] < inspect_store(str(full))["bytes_per_position_by_array"]["target_logprobs"]
@@ -221,6 +240,43 @@ def test_store_without_draw_logprobs_trains_fkl_as_the_full_store(ht_store, ht_l
         cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(lean), draw_logprobs=True, **args)
     with pytest.raises(CacheError, match="--no-draw-logprobs"):
         cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(tmp_path / "x"), targets="topk", draw_logprobs=False, **{k: v for k, v in args.items() if k != "draws"})
+
+
+def test_default_store_serves_the_default_loss_and_a_refusal_gives_the_command_that_fixes_it(tiny_teacher, tiny_student, corpus_dir, tmp_path,
+                                                                                               monkeypatch):
+    """kdship cache's default headtail store: no draw logprobs, 16 stratified draws (4 far, 3x as dense), the
+    header saying so; against the transformers forward (rest mass within 1e-3); the default loss trains
+    from it; resuming it with --draw-logprobs is refused; rkl is refused with a `kdship cache` command, and
+    that very command (run where the data file is) writes a store rkl trains from."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from kdship.cache.run import CacheError
+    from kdship.cli import app
+    from kdship.train.trainer import TrainError, train
+
+    out = tmp_path / "default"
+    assert cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", shard_size=4, progress=False)["complete"]
+    ts = StoreReader(str(out)).header["target_sampling"]
+    assert ts["draws"] == 16 and ts["draw_logprobs"] is False and ts["far_oversample"] == 3 and ts["far_draws"] == 4, ts
+    assert check_against_forward(out, str(tiny_teacher), head=4, draws=16) <= 1e-3
+    s = train(str(out), student=str(tiny_student), out=str(tmp_path / "fkl"), max_steps=2, eval_every=0, ckpt_every=0, progress=False, heldout_fraction=0.0)
+    assert s["steps"] == 2 and np.isfinite(s["loss_last"])
+    with pytest.raises(CacheError, match="target_sampling"):
+        cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(out), backend="hf", dtype="float32", shard_size=4, progress=False, draw_logprobs=True)
+    with pytest.raises(TrainError) as e:
+        train(str(out), student=str(tiny_student), out=str(tmp_path / "rkl"), max_steps=1, progress=False, loss="rkl")
+    cmd = shlex.split(str(e.value).split("`")[1])
+    assert cmd[:2] == ["kdship", "cache"] and "--draw-logprobs" in cmd and cmd[cmd.index("--out") + 1] == f"{out}-full"
+    monkeypatch.chdir(corpus_dir)  # the header names the data file, not where it was
+    res = CliRunner().invoke(app, cmd[1:] + ["--no-progress"])
+    assert res.exit_code == 0, res.output
+    full = StoreReader(f"{out}-full").header["target_sampling"]
+    assert full["draws"] == 8 and "draw_logprobs" not in full and "far_oversample" not in full  # every divergence's store
+    s = train(f"{out}-full", student=str(tiny_student), out=str(tmp_path / "rkl"), max_steps=2, eval_every=0, ckpt_every=0, progress=False,
+              heldout_fraction=0.0, loss="rkl")
+    assert s["steps"] == 2
 
 
 def test_inspect_reports_headtail(ht_store):
@@ -236,7 +292,8 @@ def test_inspect_reports_headtail(ht_store):
 def test_resume_redoes_an_uncommitted_shard_bit_identically(ht_store, tmp_path, tiny_teacher, corpus_dir):
     out, _ = ht_store
     copy = tmp_path / "copy"
-    cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
+    args = dict(backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False, draw_logprobs=True)  # as ht_store
+    cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), **args)
     # a crash after shard 2's arrays were written but before its commit record (so before the
     # completion snapshot too): remove the record, and the header back to its state before completion
     root = zarr.open_group(str(copy), mode="r+")
@@ -246,7 +303,7 @@ def test_resume_redoes_an_uncommitted_shard_bit_identically(ht_store, tmp_path, 
     root.attrs[HEADER_ATTR] = hdr
     (copy / "commits" / (lost.split("/")[1] + ".json")).unlink()
     assert lost not in StoreReader(str(copy)).shard_paths
-    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), backend="hf", dtype="float32", top_k=4, draws=8, shard_size=4, progress=False)
+    s = cache(str(tiny_teacher), str(corpus_dir / "chat.jsonl"), str(copy), **args)
     assert s["shards_written"] == 1 and s["shards_skipped"] == 3 and s["complete"]
     a, b = StoreReader(str(out)), StoreReader(str(copy))
     assert a.shard_attrs(lost)["checksum_sha256"] == b.shard_attrs(lost)["checksum_sha256"]

@@ -67,7 +67,8 @@ def main_store(tmp_path_factory, tiny_teacher, corpus_dir):
     from kdship.cache.run import cache
 
     out = tmp_path_factory.mktemp("onpolicy") / "store"
-    cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), mode="score", backend="hf", progress=False)
+    # with the draws' logprobs: the rounds train rkl (the on-policy literature's choice), which needs them
+    cache(str(tiny_teacher), str(corpus_dir / "pairs.jsonl"), str(out), mode="score", backend="hf", progress=False, draw_logprobs=True)
     return out
 
 
@@ -268,5 +269,73 @@ def test_round_store_is_scored_with_the_original_stores_draw_options(tmp_path):
     assert "--draw-power" not in flags
     cmd = _score_command("T", tmp_path / "g.jsonl", tmp_path / "s", dict(header, target_sampling=dict(ts, draw_power=0.5)), "vllm", 0)
     assert "--draw-power 0.5" in " ".join(cmd)
+    # a store written before stratified draws (or with --draw-logprobs): plain draws, whatever the defaults now
+    plain = {k: v for k, v in ts.items() if k not in ("far_oversample", "far_draws", "draw_logprobs")}
+    flags = " ".join(_score_command("T", tmp_path / "g.jsonl", tmp_path / "s", dict(header, target_sampling=plain), "vllm", 0))
+    assert "--far-oversample 1" in flags and "--far-draws" not in flags and "--draw-logprobs" in flags, flags
     res = CliRunner().invoke(app, cmd[cmd.index("cache"):] + ["--help"])
     assert res.exit_code == 0, res.output
+
+
+def _without(args: list[str], *flags: str) -> list[str]:
+    """``args`` less each of ``flags`` and the value after it."""
+    out, skip = [], False
+    for a in args:
+        if skip or a in flags:
+            skip = not skip
+            continue
+        out.append(a)
+    return out
+
+
+def test_epochs_give_the_steps_and_the_stores_teacher_scores_when_no_teacher_is_given(main_store, tiny_teacher, tiny_student, corpus_dir, tmp_path):
+    """No --max-steps and no --teacher: --epochs 1 sets the step count (the batches one pass over STORE
+    gives, which the phases then split) and the teacher STORE's header records scores the round."""
+    from kdship.store import StoreReader
+    from kdship.train.loader import StoreLoader
+    from kdship.train.trainer import DEFAULTS
+
+    run, log = tmp_path / "run", tmp_path / "opened.txt"
+    args = _train_args(main_store, tiny_student, tiny_teacher, corpus_dir / "prompts.jsonl", run, "--epochs", "1")
+    args = _without(args, "--max-steps", "--teacher")
+    args[args.index("--on-policy-rounds") + 1] = "1"
+    args[args.index("--score-backend") + 1] = "hf"
+    proc = subprocess.run(args, env=_env(tiny_teacher, log), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one real pass over STORE under the run's batching settings: the steps the run should have
+    loader = StoreLoader(str(main_store), 128, seed=DEFAULTS["seed"], heldout_fraction=0.1, eval_samples=4, max_epochs=1)
+    n = sum(1 for _ in loader)
+    loader.close()
+    assert n >= 2
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, n + 1))
+    summary = json.loads((run / "rounds" / "summary.json").read_text())
+    assert [rec["steps"] for rec in summary["rounds"]] == [[0, n // 2], [n // 2, n]]
+    recorded = StoreReader(str(main_store), verify=False).header["teacher"]["name_or_path"]
+    assert summary["settings"]["teacher"] == recorded and Path(recorded).samefile(tiny_teacher)
+    assert "no --teacher given" in proc.stderr and recorded in proc.stderr
+    assert StoreReader(str(run / "rounds" / "0" / "store")).complete  # the recorded teacher scored round 0
+    assert (run / "final" / "model.safetensors").is_file()
+    assert _opened(log) == []  # found through the header: still never loaded by the trainer
+
+
+def test_no_teacher_flag_and_a_recorded_teacher_that_is_gone_or_both_step_flags_are_refused(tiny_teacher, tiny_student, corpus_dir, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from kdship.cli import app
+
+    from train_stores import write_teacher_store
+
+    moved = Path(shutil.copytree(tiny_teacher, tmp_path / "teacher"))
+    store = write_teacher_store(moved, tmp_path / "store", ["the cat sat on the mat", "a dog ran far away"], top_k=4)
+    shutil.rmtree(moved)  # the store still records it
+    base = ["train", str(store), "--student", str(tiny_student), "--out", str(tmp_path / "run"), "--no-progress",
+            "--on-policy-rounds", "1", "--prompts", str(corpus_dir / "prompts.jsonl")]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 2, res.output
+    assert f"--teacher is required for --on-policy-rounds: the store records teacher {moved.resolve()}, which is not a directory here" in res.output
+    res = CliRunner().invoke(app, base + ["--teacher", str(tiny_teacher), "--epochs", "2", "--max-steps", "4"])
+    assert res.exit_code == 2 and "give --max-steps or --epochs, not both" in res.output, res.output
+    assert not (tmp_path / "run").exists()

@@ -50,7 +50,7 @@ class DemoSizes:
     prompts: int = 16  # chitchat first turns the teacher answers (generate mode)
     ood_passages: int = 40  # Shakespeare passages
     max_turns: int = 6
-    top_k: int | None = None  # None: kdship cache's default targets (headtail, exact head 4 + 8 residual draws)
+    top_k: int | None = None  # None: kdship cache's default targets (headtail: exact head 4 + 16 stratified residual draws)
     max_length: int = 512
     shard_size: int = 32  # samples per shard: a killed run loses at most one shard of teacher work
     max_new_tokens: int = 48
@@ -506,10 +506,12 @@ def kd_settings(sizes: DemoSizes, with_loss: bool = True) -> dict[str, Any]:
 
 def cache_defaults() -> dict[str, Any]:
     """`kdship cache`'s target defaults and the store format: a change re-caches the demo's stores."""
-    from kdship.cache.run import DEFAULTS, TOP_K_DEFAULT
+    from kdship.cache.run import DEFAULTS, TOP_K_DEFAULT, headtail_defaults
     from kdship.store import FORMAT_VERSION
 
-    return {"format": FORMAT_VERSION, "targets": DEFAULTS["targets"], "top_k": TOP_K_DEFAULT, "draws": DEFAULTS["draws"], "candidates": DEFAULTS["sampled_candidates"]}
+    lean = DEFAULTS["draw_logprobs"] is None  # headtail's default: without the draws' logprobs
+    return {"format": FORMAT_VERSION, "targets": DEFAULTS["targets"], "top_k": TOP_K_DEFAULT, "draw_logprobs": not lean,
+            **headtail_defaults(not lean), "candidates": DEFAULTS["sampled_candidates"]}
 
 
 def _close_engines() -> None:

@@ -104,11 +104,15 @@ def _samples_of(shard, keep: np.ndarray) -> list[_Sample]:
 
 
 def collate(samples: list[_Sample], global_rows: int, global_samples: int, average: str, global_tokens: int, epoch: int = 0,
-            with_drawn: bool = False) -> Batch:
+            with_drawn: bool = False, exact_only: bool = False) -> Batch:
     """Pack one rank's samples into rows and gather their trained rows' targets.
 
     The per-sample loop only places input tokens; the targets are gathered with one fancy index per
-    source shard (a batch draws from a handful of shards), which matters on short samples."""
+    source shard (a batch draws from a handful of shards), which matters on short samples.
+    ``exact_only``: from a store without the draws' teacher logprobs (``Shard.teacher_logprob_known``),
+    its exact entries only, unweighted: the held-out KL then lumps the rest into one category (a lower
+    bound of the full KL), where an estimate through the draws would be off by a student-independent
+    constant (their logprob slot holds log w, not log p)."""
     if average not in ("token", "sequence"):
         raise ValueError(f"--average {average!r}: choose token or sequence")
     K = samples[0].src.topk_ids.shape[1] if samples else 1
@@ -153,7 +157,8 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
     ids = np.empty((N, K), np.int32)
     lps = np.empty((N, K), np.float32)
     tg = np.empty(N, np.int32)
-    has_tw = any(s.src.target_weights is not None for s in placed)
+    masked = {id(s.src) for s in placed if exact_only and s.src.teacher_logprob_known is not None}
+    has_tw = any(s.src.target_weights is not None and id(s.src) not in masked for s in placed)
     tws = np.zeros((N, K), np.float32) if has_tw else None
     drawn = np.zeros((N, K), bool) if has_tw and with_drawn else None  # only the cv estimator reads it
     # hint KD: only when the loader decoded the hidden arrays (StoreLoader(with_hidden=True))
@@ -165,7 +170,11 @@ def collate(samples: list[_Sample], global_rows: int, global_samples: int, avera
         ids[m] = src.topk_ids[at_src]
         lps[m] = src.topk_logprobs[at_src]
         tg[m] = src.tokens[at_src]
-        if has_tw and src.target_weights is not None:
+        if id(src) in masked:
+            known = src.teacher_logprob_known[at_src]
+            ids[m] = np.where(known, ids[m], -1)
+            lps[m] = np.where(known, lps[m], -np.inf)
+        elif has_tw and src.target_weights is not None:
             tws[m] = src.target_weights[at_src]
             if drawn is not None:  # a sampled store has no exact entries: every entry is a draw
                 drawn[m] = src.target_drawn[at_src] if src.target_drawn is not None else True
@@ -432,7 +441,8 @@ class StoreLoader:
         return out[: self.eval_samples]
 
     def eval_batches(self, batch_tokens: int | None = None) -> list[Batch]:
-        """The held-out samples as batches (whole, on every rank; per-token averaging)."""
+        """The held-out samples as batches (whole, on every rank; per-token averaging); from a store without
+        the draws' logprobs, their exact entries only (``collate``'s ``exact_only``)."""
         samples = self.heldout_samples()
         bt = batch_tokens or self.batch_tokens
         out, cur, n = [], [], 0
@@ -445,7 +455,7 @@ class StoreLoader:
             n += s.n_input
         if cur:
             out.append(cur)
-        return [collate(c, total_rows, len(samples), "token", sum(s.n_input for s in c), with_drawn=self.with_drawn) for c in out]
+        return [collate(c, total_rows, len(samples), "token", sum(s.n_input for s in c), with_drawn=self.with_drawn, exact_only=True) for c in out]
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.state)

@@ -1,7 +1,9 @@
 """On-policy rounds: the student learns on its own generations, scored offline by the teacher.
 
 ``kdship train STORE ... --max-steps S --on-policy-rounds R --prompts P --teacher T`` splits the S
-steps into R + 1 phases (phase r ends at step S * (r + 1) // (R + 1)). Phase 0 trains on STORE only.
+steps into R + 1 phases (phase r ends at step S * (r + 1) // (R + 1)). Without --max-steps, S is the
+number of batches --epochs E (default 1) passes over STORE give, as plain training counts them;
+without --teacher, T is the teacher STORE's header records. Phase 0 trains on STORE only.
 After each phase r < R:
 
 1. generate: the student, as the checkpoint at the phase's last step holds it, samples
@@ -37,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdship.train.trainer import TrainError, _ckpt_dirs, _resolve_settings, load_student, load_weights, train
+from kdship.store import headtail_draw_flags
+from kdship.train.trainer import DEFAULTS, TrainError, _ckpt_dirs, _Dist, _resolve_settings, _Run, load_student, load_weights, train
 
 log = logging.getLogger("kdship.train.onpolicy")
 
@@ -47,6 +50,16 @@ STATE_FILE = "state.json"
 def phase_ends(max_steps: int, rounds: int) -> list[int]:
     """The step at which each of the R + 1 phases ends."""
     return [max_steps * (r + 1) // (rounds + 1) for r in range(rounds + 1)]
+
+
+def count_store_batches(store: str, cfg: dict[str, Any]) -> int:
+    """The batches ``cfg["epochs"]`` passes over STORE give under ``cfg``: counted by the trainer's own
+    loader, as a plain ``kdship train --epochs`` run counts its steps."""
+    loader = _Run(cfg=cfg, store=str(store), out_dir=Path(), dist=_Dist(False)).make_loader(max_epochs=int(cfg["epochs"]))
+    try:
+        return loader.count_batches()
+    finally:
+        loader.close()
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -67,15 +80,8 @@ def _score_command(teacher: str, gens: Path, store: Path, header: dict[str, Any]
            "--targets", str(header["targets"]), "--top-k", str(header["top_k"]), "--max-length", str(header["max_length"]),
            "--overflow", "truncate", "--seed", str(seed), "--no-progress"]
     ts = header.get("target_sampling") or {}
-    if header["targets"] == "headtail" and "draws" in ts:
-        cmd += ["--draws", str(ts["draws"])]
-        # the round store is drawn as the original was (the trainer's checks, e.g. fkl only without draw logprobs, hold for both)
-        cmd += ["--certain-exact" if ts.get("certain_exact") else "--no-certain-exact"]
-        cmd += ["--no-draw-logprobs" if ts.get("draw_logprobs") is False else "--draw-logprobs"]
-        if "draw_power" in ts:
-            cmd += ["--draw-power", str(ts["draw_power"])]
-        if "far_oversample" in ts:
-            cmd += ["--far-oversample", str(ts["far_oversample"]), "--far-draws", str(ts["far_draws"])]
+    # the round store is drawn as the original was (the trainer's checks, e.g. fkl only without draw logprobs, hold for both)
+    cmd += headtail_draw_flags(header)
     if backend == "vllm" and isinstance(ts.get("candidates"), int):
         cmd += ["--sampled-candidates", str(ts["candidates"])]
     return cmd
@@ -167,8 +173,12 @@ def train_on_policy(store: str, student: str | None, out: str, config: str | Non
     ``rounds``, the per-round summary (also RUN/rounds/summary.json)."""
     from kdship.store import StoreReader
 
-    cfg = _check_options(store, student, config, options, rounds, prompts, teacher, fraction, samples_per_prompt, max_new_tokens, mix_teacher)
     header = StoreReader(store, verify=False).header
+    cfg, teacher = _check_options(store, header, student, config, options, rounds, prompts, teacher, fraction, samples_per_prompt, max_new_tokens, mix_teacher)
+    # every phase trains on the resolved settings, max_steps included (derived from --epochs when not
+    # given), as flags: an `epochs` in --config would otherwise come back beside it
+    student, config = cfg["student"], None
+    options = {k: cfg[k] for k in DEFAULTS if k not in ("student", "epochs")}
     backend = score_backend or _score_backend(header)
     out_dir = Path(out)
     op = {"rounds": rounds, "prompts": str(prompts), "teacher": str(teacher), "fraction": fraction, "samples_per_prompt": samples_per_prompt,
@@ -211,23 +221,37 @@ def train_on_policy(store: str, student: str | None, out: str, config: str | Non
     return {**last_summary, "rounds": summary}
 
 
-def _check_options(store, student, config, options, rounds, prompts, teacher, fraction, samples_per_prompt, max_new_tokens, mix_teacher):
-    cfg = _resolve_settings(store, student, config, options)
+def _check_options(store, header, student, config, options, rounds, prompts, teacher, fraction, samples_per_prompt, max_new_tokens, mix_teacher):
+    """The resolved settings (``max_steps`` set, from --epochs when not given) and the teacher directory."""
+    cfg = _resolve_settings(store, student, config, options)  # refuses --max-steps with --epochs, as plain training does
     if rounds < 1:
         raise TrainError(f"--on-policy-rounds must be >= 1, got {rounds}")
-    if cfg["max_steps"] is None or int(cfg["max_steps"]) < rounds + 1:
+    if cfg["max_steps"] is not None and int(cfg["max_steps"]) < rounds + 1:
         raise TrainError(f"--on-policy-rounds {rounds} needs --max-steps of at least {rounds + 1} (one phase per round, plus the first)")
     if cfg["stop_after"] is not None or cfg["mix_stores"] or cfg["online_teacher"] or cfg["fsdp"]:
         raise TrainError("--on-policy-rounds does not combine with --stop-after, --online-teacher or --fsdp")
     if not prompts or not Path(prompts).is_file():
         raise TrainError(f"--prompts {prompts}: no such file (JSONL of {{prompt}} or {{messages}} rows)")
-    if not teacher or not Path(teacher).is_dir():
+    if not teacher:
+        recorded = (header.get("teacher") or {}).get("name_or_path")
+        if not recorded or not Path(recorded).is_dir():
+            raise TrainError(f"--teacher is required for --on-policy-rounds: the store records teacher {recorded}, which is not a directory here")
+        teacher = recorded
+        log.info("on-policy: no --teacher given; scoring with the teacher %s records: %s", store, teacher)
+    elif not Path(teacher).is_dir():
         raise TrainError(f"--teacher {teacher}: not a directory (the store's teacher, to score the rounds)")
     if not 0.0 <= fraction <= 1.0 or not 0.0 <= mix_teacher <= 1.0:
         raise TrainError(f"--on-policy-fraction ({fraction}) and --mix-teacher ({mix_teacher}) must be in [0, 1]")
     if samples_per_prompt < 1 or max_new_tokens < 1:
         raise TrainError("--samples-per-prompt and --on-policy-max-new-tokens must be >= 1")
-    return cfg
+    if cfg["max_steps"] is None:  # last: counting reads every shard's offsets
+        steps = count_store_batches(store, cfg)
+        if steps < rounds + 1:
+            raise TrainError(f"--on-policy-rounds {rounds} needs at least {rounds + 1} steps (one phase per round, plus the first); "
+                             f"--epochs {cfg['epochs']} over {store} gives {steps}: raise --epochs or give --max-steps")
+        log.info("on-policy: --epochs %s over %s gives %d steps, split into %d phases", cfg["epochs"], store, steps, rounds + 1)
+        cfg["max_steps"], cfg["epochs"] = steps, None
+    return cfg, teacher
 
 
 def _round_summary(state: dict[str, Any], out: Path, ends: list[int]) -> dict[str, Any]:

@@ -585,6 +585,8 @@ def evaluate(train_module, wrapper, batches, device, vocab_size: int, chunk_rows
     """Held-out KL(teacher || student) over the stored top-k plus one "rest" category, and CE (nat/row).
 
     With k = vocab (or ``rows_fn`` giving an online teacher's full rows) this is the exact KL;
+    headtail / sampled stores: the unbiased estimate through their weights; a store without the draws'
+    logprobs (kdship cache's default): its exact entries and one rest category (``eval_batches``);
     otherwise a lower bound of it (the tail is lumped). Runs the
     (possibly DDP/FSDP-wrapped) training module with its loss swapped, so sharded students work too.
     """
@@ -770,16 +772,18 @@ def _check_store_settings(header: dict[str, Any], cfg: dict[str, Any], store: st
 
 def _check_draw_logprobs(header: dict[str, Any], cfg: dict[str, Any], store: str) -> None:
     """A headtail store without the draws' logprobs trains fkl and CE only: their gradients need none."""
-    from kdship.store import draw_logprobs_stored
+    from kdship.store import draw_logprobs_stored, recache_command
 
     if header.get("targets") != "headtail" or draw_logprobs_stored(header) or cfg["online_teacher"]:
         return
+    fix = (f"`{recache_command(header, str(store).rstrip('/') + '-full', '--draw-logprobs')}` (the data file as named there) writes one "
+           "with them (8 draws, ~47 B/position)")
     if cfg["loss"] not in ("fkl", "sft") and float(cfg["ce_weight"]) < 1.0:
-        raise TrainError(f"--loss {cfg['loss']}: the store {store} was written with --no-draw-logprobs (target_sampling.draw_logprobs: false), "
-                         "so it has no teacher logprob at the draws, which this divergence needs; use --loss fkl, or re-cache without --no-draw-logprobs")
+        raise TrainError(f"--loss {cfg['loss']}: the store {store} holds no teacher logprob at its draws (target_sampling.draw_logprobs: false, "
+                         f"kdship cache's default store, for fkl and CE), which {cfg['loss']} needs. Use --loss fkl, or {fix}")
     if cfg["draw_estimator"] != "is":
-        raise TrainError(f"--draw-estimator {cfg['draw_estimator']}: needs the draws' teacher logprobs, which the store {store} "
-                         "does not hold (written with --no-draw-logprobs); use --draw-estimator is")
+        raise TrainError(f"--draw-estimator {cfg['draw_estimator']}: needs the draws' teacher logprobs, which the store {store} does not hold "
+                         f"(target_sampling.draw_logprobs: false). Use --draw-estimator is, or {fix}")
 
 
 def _setup_model(run: _Run, header: dict[str, Any]) -> None:
