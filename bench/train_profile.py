@@ -102,7 +102,8 @@ def baseline_tree(ref: str) -> tuple[Path, str]:
 
 def head_label() -> str:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # the code that runs: kdship/ (results files written by benches do not make a tree "dirty")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "kdship"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return sha + ("-dirty" if dirty else "")
 
 
@@ -163,6 +164,8 @@ def write_results(profiles: dict, ab: dict, configs, a, machine: str) -> None:
         lines.append(f"| {PHASE_TITLES[p]} | " + " | ".join(f"{profiles[s]['phases_ms'][p]:,.1f} ({profiles[s]['phases_ms'][p] / profiles[s]['step_ms'] * 100:.0f} %)" for s, _ in configs) + " |")
     lines.append("| **step** | " + " | ".join(f"**{profiles[s]['step_ms']:,.1f}**" for s, _ in configs) + " |")
     lines.append("| tokens/s (profiled) | " + " | ".join(f"{profiles[s]['tokens_per_s']:,.0f}" for s, _ in configs) + " |")
+    # each one at least a kernel launch on a GPU: what makes a small student's step launch-bound there
+    lines.append("| aten operators dispatched per step | " + " | ".join(f"{profiles[s].get('aten_ops_per_step') or 0:,.0f}" for s, _ in configs) + " |")
     lines.append("| loader capacity ÷ the step's consumption | " + " | ".join(
         f"{profiles[s].get('loader', {}).get('capacity_over_consumption', float('nan')):,.0f}x" for s, _ in configs) + " |")
     for s, _ in configs:

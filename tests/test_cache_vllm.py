@@ -264,3 +264,45 @@ def test_sigkill_then_resume_is_identical_and_two_processes_share_a_store(tmp_pa
     r = StoreReader(str(both))
     assert r.complete and len(r.shard_paths) == 20
     _assert_same(_arrays(ref), _arrays(both))
+
+
+def test_flat_logprobs_parse_as_per_position_dicts_would():
+    """vLLM's FlatLogprobs (Python lists, [actual token, top-1..top-k] per position) -> the rows and the
+    actual tokens' logprobs: the back-to-back fast path, a layout with gaps, empty positions and a short
+    position all give what reading each position on its own gives."""
+    from types import SimpleNamespace
+
+    from kdship.cache.vllm_backend import _own_from_flat, _rows_from_flat
+
+    rng = np.random.default_rng(3)
+    k = 6
+
+    def flat_of(lens, gap=0):
+        tok, lp, ranks, starts, ends, rows = [], [], [], [], [], []
+        for n in lens:
+            starts.append(len(tok))
+            ids = rng.choice(1000, n, replace=False).tolist()
+            vals = sorted(rng.normal(size=n).tolist(), reverse=True)
+            if n:  # the actual token first (rank up to 999), then the top entries in rank order
+                vals = [vals[-1]] + vals[:-1]
+            tok += ids
+            lp += vals
+            ranks += ([999] + list(range(1, n))) if n else []
+            ends.append(len(tok))
+            rows.append((ids, vals))
+            tok += [7] * gap
+            lp += [0.5] * gap
+            ranks += [1] * gap
+        return SimpleNamespace(start_indices=starts, end_indices=ends, token_ids=tok, logprobs=lp, ranks=ranks), rows
+
+    for lens, gap in (([0] + [k + 1] * 9, 0), ([0] + [k + 1] * 9, 2), ([0, k + 1, 0, k + 1, 3], 0)):
+        flat, rows = flat_of(lens, gap)
+        ids, lps = _rows_from_flat(flat, k, len(lens), skip_first=True)
+        actual = [r[0][0] if r[0] else -5 for r in rows]
+        own = _own_from_flat(flat, actual, len(lens))
+        for j, (row_ids, vals) in enumerate(rows):
+            top = list(zip(row_ids[1:], vals[1:]))[:k]
+            np.testing.assert_array_equal(ids[j, : len(top)], [t for t, _ in top])
+            np.testing.assert_allclose(lps[j, : len(top)], [v for _, v in top], rtol=1e-6)
+            assert (ids[j, len(top):] == -1).all() and np.isneginf(lps[j, len(top):]).all()
+            assert (np.isnan(own[j]) if not row_ids else own[j] == pytest.approx(vals[0], rel=1e-6))

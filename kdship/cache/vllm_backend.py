@@ -27,16 +27,19 @@ from kdship.runtime.vllm_engine import DEFAULT_MAX_LOGPROBS, get_engine
 
 def _own_from_flat(flat, tokens, n_rows: int) -> np.ndarray:
     """[n_rows] logprob of each position's own (actual) token: the first entry of every non-empty
-    position in flat mode, the token's dict entry otherwise; NaN where there is none."""
+    position in flat mode, the token's dict entry otherwise; NaN where there is none. Flat mode reads
+    only those first entries from vLLM's Python lists (converting all K' + 1 a position would cost as much
+    as the rows themselves)."""
     out = np.full(n_rows, np.nan, np.float32)
     if hasattr(flat, "start_indices"):
         starts = np.asarray(flat.start_indices[:n_rows], np.int64)
         ends = np.asarray(flat.end_indices[:n_rows], np.int64)
         full = np.flatnonzero(ends > starts)
-        lp = np.asarray(flat.logprobs, np.float64)
-        tok = np.asarray(flat.token_ids, np.int64)
-        ok = tok[starts[full]] == np.asarray(tokens, np.int64)[full]
-        out[full[ok]] = lp[starts[full[ok]]]
+        first = starts[full].tolist()
+        tok = np.fromiter((flat.token_ids[i] for i in first), np.int64, len(first))
+        lp = np.fromiter((flat.logprobs[i] for i in first), np.float64, len(first))
+        ok = tok == np.asarray(tokens, np.int64)[full]
+        out[full[ok]] = lp[ok]
         return out
     for j, pos in enumerate(flat[:n_rows]):
         if pos and int(tokens[j]) in pos:
@@ -58,9 +61,14 @@ def _rows_from_flat(flat, k: int, n_rows: int, skip_first: bool) -> tuple[np.nda
         full = lens > 0
         width = k + 1 if skip_first else k
         if full.any() and (lens[full] == width).all():
-            # fast path (the usual case): every scored position holds [actual, top-1..top-k] in rank
-            # order, so the rows are a reshape of the flat lists -- no Python loop per position
+            # fast path (the usual case): every scored position holds [actual, top-1..top-k] in rank order,
+            # back to back in the flat lists: one conversion of that span, a reshape, no index per entry
             rows = np.flatnonzero(full)
+            a, b = int(starts[rows[0]]), int(starts[rows[-1]]) + width
+            if b - a == len(rows) * width and (np.diff(starts[rows]) == width).all():
+                ids[rows] = np.asarray(flat.token_ids[a:b], np.int64).reshape(-1, width)[:, width - k:]
+                lps[rows] = np.asarray(flat.logprobs[a:b], np.float64).reshape(-1, width)[:, width - k:]
+                return ids, lps
             sel = (starts[full][:, None] + np.arange(width - k, width)[None, :]).reshape(-1)
             ids[rows] = np.asarray(flat.token_ids, np.int64)[sel].reshape(-1, k)
             lps[rows] = np.asarray(flat.logprobs, np.float64)[sel].reshape(-1, k)
