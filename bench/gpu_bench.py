@@ -208,7 +208,7 @@ def matmul_ceiling(cuda: bool) -> dict:
         if i >= 3:
             times.append(t)
     t = statistics.median(times)
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": round(2 * n**3 / t / 1e12, 1)}
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": float(f"{2 * n**3 / t / 1e12:.4g}")}
 
 
 def loss_sweep(cuda: bool, work: Path, log: Path, timeout: float) -> dict:
@@ -378,7 +378,7 @@ def render_runs(runs: list[dict]) -> str:
 
 def mfu(r: dict, ceiling: dict | None) -> float | None:
     """Model FLOPs utilisation: 6 x parameters (the lm_head counted) x tokens/s over the measured ceiling."""
-    if not ceiling or not r.get("parameters") or not r.get("tokens_per_s"):
+    if not ceiling or not ceiling.get("tflops") or not r.get("parameters") or not r.get("tokens_per_s"):
         return None
     return 6 * r["parameters"] * r["tokens_per_s"] / (ceiling["tflops"] * 1e12)
 
