@@ -1,4 +1,4 @@
-"""``draw_headtail_targets`` (vectorised over rows) is bit-identical to the per-row implementation kdship used
+"""``draw_headtail_targets`` (vectorised over rows) is bit-identical to the per-row definition kdship ran
 before: every output array (values, dtype, shape), the error for an unknown data token, and the random stream
 it leaves behind, over a grid of options and the edge cases (padded rows, rows without candidates, the data
 token in the head / among the residual candidates / outside them, rest 0, empty residuals, exact ties)."""
@@ -11,116 +11,19 @@ import numpy as np
 import pytest
 
 from kdship.cache import targets
-from kdship.store import exact_entries_width
-
-
-# --- the per-row implementation kdship used before, kept as the test's reference (a frozen copy: do not
-# --- "fix" it; the vectorised code must reproduce it exactly) -------------------------------------------
-
-def _ref_far_share(n_draws, far_draws, oversample):
-    return far_draws / (far_draws + oversample * (n_draws - far_draws))
-
-
-def _ref_draw_stratified(cdf, n, far_draws, oversample, rng):
-    phi = _ref_far_share(n, far_draws, oversample)
-    total = cdf[-1]
-    near = (rng.random() + np.arange(n - far_draws)) / (n - far_draws) * (1.0 - phi)
-    far = (1.0 - phi) + (rng.random() + np.arange(far_draws)) / far_draws * phi
-    cols = np.minimum(np.searchsorted(cdf, np.concatenate([near, far]) * total, side="right"), len(cdf) - 1)
-    w = np.concatenate([np.full(n - far_draws, oversample), np.ones(far_draws, np.int64)])
-    u = np.unique(cols)
-    return u, np.bincount(np.searchsorted(u, cols), weights=w, minlength=len(u)).astype(np.int64)
-
-
-def _ref_draw_systematic(cdf, n, rng):
-    u = (rng.random() + np.arange(n)) / n * cdf[-1]
-    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
 
 
 def reference_draw_headtail_targets(ids, lps, tokens, token_lp, head, n_draws, rng, certain_exact=False, draw_logprobs=True,
                                     draw_power=1.0, far_oversample=1, far_draws=2):
+    """The per-row definition, ``targets._headtail_rows`` (the code kdship ran before the vectorised one,
+    kept in the module for --certain-exact), behind the public function's argument checks."""
     if not 1 <= n_draws <= 255:
         raise ValueError(f"draws {n_draws}: must be in 1..255 (counts are uint8)")
     if far_oversample > 1 and not (1 <= far_draws < n_draws and far_oversample * (n_draws - far_draws) + far_draws <= 255 and not certain_exact):
         raise ValueError(f"far draws {far_draws} x oversample {far_oversample} of {n_draws}: need 1 <= far draws < draws, "
                          "counts summing to <= 255, and no certain_exact")
-    L, kc = ids.shape
-    width = head + n_draws
-    out_i = np.full((L, width), -1, np.int32)
-    out_l = np.zeros((L, width), np.float32)
-    out_c = np.zeros((L, width), np.uint8)
-    out_tok = np.zeros(L, np.float32)
-    out_rest = np.full(L, -np.inf, np.float32)
-    out_beyond = np.full(L, -np.inf, np.float32)
-    missing = np.zeros(L, np.float64)
-    h = min(head, kc)
-    for r in np.flatnonzero(ids[:, 0] >= 0):
-        row_ids, row_lp = ids[r], lps[r].astype(np.float64)
-        ok = row_ids >= 0
-        tok = int(tokens[r])
-        tok_lp = float(token_lp[r]) if np.isfinite(token_lp[r]) else np.nan
-        where_tok = np.flatnonzero(row_ids == tok)
-        if np.isnan(tok_lp):
-            if not len(where_tok):
-                raise ValueError(f"row {r}: the data token {tok}'s teacher logprob is unknown and it is not among the {kc} candidates")
-            tok_lp = float(row_lp[where_tok[0]])
-        head_cols = np.flatnonzero(ok[:h])
-        tok_in_head = bool(len(where_tok)) and where_tok[0] < h
-        p_exact = np.exp(row_lp[head_cols]).sum() + (0.0 if tok_in_head else np.exp(tok_lp))
-        rest = max(0.0, 1.0 - p_exact)
-        resid = ok.copy()
-        resid[:h] = False
-        if len(where_tok):
-            resid[where_tok[0]] = False
-        cols = np.flatnonzero(resid)
-        p_res = np.exp(row_lp[cols])
-        covered = float(p_res.sum())
-        missing[r] = max(0.0, rest - covered)
-        g_res = p_res if draw_power == 1.0 else np.exp(draw_power * row_lp[cols])
-        n_left, n_sure = n_draws, 0
-        if certain_exact and rest > 0:
-            left = float(g_res.sum())
-            while n_sure < len(cols) - 1 and n_left > 1 and n_left * g_res[n_sure] >= left:
-                left -= g_res[n_sure]
-                n_left -= 1
-                n_sure += 1
-        exact_cols = np.concatenate([head_cols, cols[:n_sure]])
-        if n_sure:
-            p_exact += float(p_res[:n_sure].sum())
-            rest = max(0.0, 1.0 - p_exact)
-            cols, p_res, g_res = cols[n_sure:], p_res[n_sure:], g_res[n_sure:]
-            covered = float(p_res.sum())
-        sel_ids = [row_ids[exact_cols]]
-        sel_lp = [row_lp[exact_cols]]
-        sel_c = [np.zeros(len(exact_cols), np.int64)]
-        if rest > 0 and covered > 0:
-            if far_oversample > 1:
-                u, c = _ref_draw_stratified(np.cumsum(g_res), n_left, far_draws, far_oversample, rng)
-            else:
-                u, c = np.unique(_ref_draw_systematic(np.cumsum(g_res), n_left, rng), return_counts=True)
-            sel_ids.append(row_ids[cols[u]])
-            sel_lp.append(row_lp[cols[u]])
-            sel_c.append(c)
-        all_ids = np.concatenate(sel_ids)
-        order = np.argsort(all_ids, kind="stable")
-        m = len(order)
-        out_i[r, :m] = all_ids[order]
-        out_l[r, :m] = np.concatenate(sel_lp)[order]
-        out_c[r, :m] = np.concatenate(sel_c)[order]
-        if not draw_logprobs:
-            kept = out_l[r, :m][out_c[r, :m] == 0].copy()
-            out_l[r] = 0.0
-            out_l[r, : len(kept)] = kept
-        out_tok[r] = 0.0 if tok_in_head else tok_lp
-        out_rest[r] = np.log(rest) if rest > 0 else -np.inf
-        out_beyond[r] = np.log(missing[r]) if missing[r] > 0 else -np.inf
-    if not draw_logprobs:
-        out_l = np.ascontiguousarray(out_l[:, : exact_entries_width(head, n_draws, certain_exact)])
-    return {"target_ids": out_i, "target_logprobs": out_l, "target_counts": out_c, "token_logprob": out_tok, "rest_logmass": out_rest,
-            "beyond_logmass": out_beyond, "missing_mass": missing}
+    return targets._headtail_rows(ids, lps, tokens, token_lp, head, n_draws, rng, certain_exact, draw_logprobs, draw_power, far_oversample, far_draws)
 
-
-# --- helpers ---------------------------------------------------------------------------------------------
 
 def _both(ids, lps, tokens, token_lp, head, draws, seed=0, **opts):
     """Runs the reference and kdship's function on the same seed; asserts identical outputs and random streams."""
