@@ -336,8 +336,6 @@ class _Dist:
 def _make_wrapper(model, loss_fn, autocast_dtype, hint=None):
     import torch
 
-    from kdship.train.profile import OFF
-
     class StudentWithLoss(torch.nn.Module):
         """forward(batch) -> (loss, parts): the decoder, then the fused chunked lm_head loss, plus
         ``hint.weight`` x the hint loss when hint KD is on (training only; evaluation is the logit KL)."""
