@@ -587,6 +587,23 @@ def write_tokens_md(settings: dict, seeds: list[int]) -> None:
     missing = [n for n in ns if any(len(series.get(label, {}).get(n, {})) < len(seeds) for label in TOKENS_STORES)]
     if missing:
         lines += ["", f"Not yet complete on every seed at {', '.join(f'{n / base_n:g}x' for n in missing)} (the script continues where it stopped)."]
+    if max(ns) < 4 * base_n:
+        # the wait, estimated from the largest size measured: its mean online and store student and its mean
+        # store cache, scaled by tokens, times what the 4x set needs (per seed one online + two store students)
+        big = states[-1]
+        nb = big["settings"]["n"]
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs) if xs else 0.0
+
+        online_s = mean([r["train_s"] for r in big["rows"] if r["name"].startswith("full-logit") and r.get("train_s")])
+        store_s = mean([r["train_s"] for r in big["rows"] if not r["name"].startswith("full-logit") and r.get("train_s")])
+        cache_s = mean([v["cache_s"] for k, v in big["stores"].items() if k.startswith(f"store{nb}_") and v.get("cache_s")])
+        est_s = 4 * base_n / nb * (len(seeds) * (online_s + len(TOKENS_STORES) * store_s) + len(TOKENS_STORES) * cache_s)
+        lines += ["", f"4x ({4 * base_n:,} passages): waiting. Scaled from the {nb}-passage run "
+                  f"({'; '.join(sorted({r.get('machine', 'machine not recorded') for r in big['rows']}))}) it needs about {est_s / 3600:.1f} h, and the teacher's weights are over "
+                  f"what one device call may carry; run `--tokens --train-passages {4 * base_n}` where that time is available "
+                  "(the script resumes per student)."]
     png = RESULTS / "train_fidelity_tokens.png"
     try:
         import matplotlib
