@@ -52,6 +52,7 @@ env_defaults()
 
 
 MAIN_PASSAGES = 640  # the fidelity table's training set; other sizes feed the fidelity-vs-tokens section
+KL_PARTS = ("groups", "head", "mid", "far")  # heldout_kl's chain-rule terms: group masses, then the shape in each rank group
 TOKENS_STORES = ("default", "16 draws, fkl only")  # the stores the tokens section follows (besides online KD)
 
 
@@ -86,7 +87,7 @@ def heldout_kl(t_lps, student, ids_list) -> tuple[float, dict]:
     import torch
 
     tot, n = 0.0, 0
-    parts = {"groups": 0.0, "head": 0.0, "mid": 0.0, "far": 0.0}
+    parts = dict.fromkeys(KL_PARTS, 0.0)
     with torch.no_grad():
         for tl, ids in zip(t_lps, ids_list):
             tl = tl.double()
@@ -541,6 +542,11 @@ def write_md(state, kl0, prune_info, a, names, seeds, held_positions, wall_s, ma
     print("\n".join(lines), flush=True)
 
 
+def _is_online(row: dict) -> bool:
+    """A full-logit online KD row (the reference); older states name it without ``how``."""
+    return row.get("how") == "online" or (row.get("bytes") is None and row["name"].startswith("full-logit"))
+
+
 def write_tokens_md(settings: dict, seeds: list[int]) -> None:
     """bench/results/train_fidelity_tokens.md + .png: held-out KL ÷ full-logit online KD against training
     tokens, from every saved state whose settings differ from ``settings`` in the training passages only
@@ -561,7 +567,7 @@ def write_tokens_md(settings: dict, seeds: list[int]) -> None:
         n = st["settings"]["n"]
         keys = st.get("tokens_stores") or {}
         rows = st["rows"]
-        ref = {r["seed"]: r for r in rows if r.get("how") == "online" or (r.get("bytes") is None and r["name"].startswith("full-logit"))}
+        ref = {r["seed"]: r for r in rows if _is_online(r)}
         if ref:
             tokens[n] = next(iter(ref.values()))["tokens"]
         for label in TOKENS_STORES:
@@ -587,10 +593,9 @@ def write_tokens_md(settings: dict, seeds: list[int]) -> None:
             got = series.get(label, {}).get(n, {})
             cells.append(" / ".join(f"{got[sd]:.4f}" if sd in got else "-" for sd in seeds))
         lines.append(f"| {label} (`{(states[-1].get('tokens_stores') or {}).get(label)}`) | " + " | ".join(cells) + " |")
-    online = {st["settings"]["n"]: [r["kl"] for r in st["rows"] if r["name"].startswith("full-logit")] for st in states}
+    online = {st["settings"]["n"]: [r["kl"] for r in st["rows"] if _is_online(r)] for st in states}
     lines.append("| full-logit online KD, held-out KL itself | " + " | ".join(" / ".join(f"{k:.4f}" for k in online.get(n, [])) or "-" for n in ns) + " |")
-    part_names = sorted({k for by_n in gaps.values() for by_sd in by_n.values() for g in by_sd.values() for k in g},
-                        key=lambda k: ("KL", "groups", "head", "mid", "far").index(k) if k in ("KL", "groups", "head", "mid", "far") else 9)
+    part_names = ("KL", *KL_PARTS)
     if gaps:
         lines += ["", "Where the gap sits: the store student's held-out KL minus online KD's, whole and per rank group (the chain-rule "
                   "terms of bench/results/train_fidelity_smollm2.md: the groups' masses, then the shape within head 1-4, mid 5-1024, "
@@ -600,7 +605,7 @@ def write_tokens_md(settings: dict, seeds: list[int]) -> None:
             for n in ns:
                 got = gaps.get(label, {}).get(n)
                 if got:
-                    cells = [f"{sum(g.get(k, 0.0) for g in got.values()) / len(got):+.4f}" for k in part_names]
+                    cells = [f"{sum(g[k] for g in got.values()) / len(got):+.4f}" for k in part_names]
                     lines.append(f"| {label} | {n / base_n:g}x | {', '.join(map(str, sorted(got)))} | " + " | ".join(cells) + " |")
     missing = [n for n in ns if any(len(series.get(label, {}).get(n, {})) < len(seeds) for label in TOKENS_STORES)]
     if missing:
@@ -614,8 +619,8 @@ def write_tokens_md(settings: dict, seeds: list[int]) -> None:
         def mean(xs: list[float]) -> float:
             return sum(xs) / len(xs) if xs else 0.0
 
-        online_s = mean([r["train_s"] for r in big["rows"] if r["name"].startswith("full-logit") and r.get("train_s")])
-        store_s = mean([r["train_s"] for r in big["rows"] if not r["name"].startswith("full-logit") and r.get("train_s")])
+        online_s = mean([r["train_s"] for r in big["rows"] if _is_online(r) and r.get("train_s")])
+        store_s = mean([r["train_s"] for r in big["rows"] if not _is_online(r) and r.get("train_s")])
         cache_s = mean([v["cache_s"] for k, v in big["stores"].items() if k.startswith(f"store{nb}_") and v.get("cache_s")])
         est_s = 4 * base_n / nb * (len(seeds) * (online_s + len(TOKENS_STORES) * store_s) + len(TOKENS_STORES) * cache_s)
         lines += ["", f"4x ({4 * base_n:,} passages): waiting. Scaled from the {nb}-passage run "
